@@ -1,0 +1,67 @@
+/*!
+The command line: each subcommand is a thin driver in its own file.
+
+`main` only parses arguments and maps the result to an exit code; everything a
+subcommand does lives in its module here.
+*/
+
+pub mod check;
+pub mod record;
+pub mod simulate;
+pub mod status;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// ctguard keeps Linux connection tracking from overflowing.
+#[derive(Debug, Parser)]
+#[command(name = "ctguard", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show conntrack pressure on this host (or in a namespace) now.
+    Status(status::StatusArgs),
+    /// Validate policy files and show the effective values for this host.
+    Check(check::CheckArgs),
+    /// Run the decision engine on a recorded trace or a built-in scenario.
+    Simulate(simulate::SimulateArgs),
+    /// Record a live trace of samples and kernel events for later simulation.
+    Record(record::RecordArgs),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Status(args) => status::run(args),
+        Command::Check(args) => check::run(args),
+        Command::Simulate(args) => simulate::run(args),
+        Command::Record(args) => record::run(args),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CTGUARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests calling `run` twice) is harmless: keep the first subscriber.
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,16 @@
+/*!
+ctguard keeps Linux connection tracking from overflowing.
+
+The design is one pure decision [`engine`] at the centre, fed by [`observe`] sources,
+judged against a validated [`policy`]. Simulation and the other drivers in [`cli`] are
+thin layers around that same engine.
+*/
+
+pub mod cli;
+pub mod engine;
+pub mod knob;
+pub mod loadgen;
+pub mod netns;
+pub mod observe;
+pub mod policy;
+pub mod simulate;

@@ -1,0 +1,1 @@
+//! Policies: raw TOML and the validated `Policy` (see issue 3).

@@ -1,0 +1,1 @@
+//! Simulation on a virtual clock (see issue 3).

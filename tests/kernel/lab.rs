@@ -1,0 +1,182 @@
+//! The kernel lab: scratch network namespaces whose conntrack table a test may fill, and
+//! guards that put global settings back even when a test fails (rules in shared LAB.md).
+
+// Not every test module uses every lab helper.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Why kernel tests cannot run here, or `None` when they can.
+pub fn unavailable_reason() -> Option<String> {
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Some(format!("not root (euid {euid})"));
+    }
+    if !Path::new("/proc/sys/net/netfilter/nf_conntrack_max").exists() {
+        return Some("no connection tracking in this kernel".into());
+    }
+    if which("nft").is_none() {
+        return Some("nft is not installed (.ci/run installs nftables)".into());
+    }
+    None
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(tool))
+        .find(|p| p.exists())
+}
+
+/// Runs a command and fails the test with its stderr when it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A network namespace made for one test, deleted on drop. Its loopback is up and an
+/// nftables rule makes the kernel track connections in it (tracking starts only once a
+/// rule needs it).
+pub struct LabNetns {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl LabNetns {
+    pub fn new(tag: &str) -> LabNetns {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "ctg-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let lab = LabNetns {
+            path: PathBuf::from("/run/netns").join(&name),
+            name,
+        };
+        run(&mut lab.exec(&["ip", "link", "set", "lo", "up"]));
+        lab.nft(
+            "table inet lab {\n chain in {\n type filter hook input priority 0;\n ct state established,related accept\n }\n}\n",
+        );
+        lab
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn exec(&self, argv: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(argv);
+        cmd
+    }
+
+    /// Loads an nftables ruleset fragment inside the namespace.
+    pub fn nft(&self, ruleset: &str) {
+        let mut child = self
+            .exec(&["nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nft");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(ruleset.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The namespace inode, as the kernel prints it in `table full in netns N`.
+    pub fn inode(&self) -> u64 {
+        std::fs::metadata(&self.path).unwrap().ino()
+    }
+
+    /// Reads a per-namespace sysctl (e.g. `nf_conntrack_count`) from inside.
+    pub fn sysctl(&self, file: &str) -> u64 {
+        let path = format!("/proc/sys/net/netfilter/{file}");
+        ctguard::netns::run_in(&self.path, || std::fs::read_to_string(&path))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Fills the table with UDP flows on loopback until it holds `max` entries (or 10 s
+    /// pass), then sends `extra` more datagrams that the kernel must drop. Returns the count.
+    pub fn fill_table(&self, extra: u64) -> u64 {
+        let max = read_global("nf_conntrack_max");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        ctguard::netns::run_in(&self.path, || {
+            ctguard::loadgen::fill_udp(0, max + extra, deadline)
+        })
+        .unwrap()
+        .unwrap();
+        self.sysctl("nf_conntrack_count")
+    }
+}
+
+impl Drop for LabNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Reads a global conntrack sysctl from the initial namespace.
+pub fn read_global(file: &str) -> u64 {
+    let path = format!("/proc/sys/net/netfilter/{file}");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Saves a global sysctl, sets it, and restores the saved value on drop, test failure
+/// included.
+pub struct GlobalSysctl {
+    path: String,
+    saved: String,
+}
+
+impl GlobalSysctl {
+    pub fn set(file: &str, value: u64) -> GlobalSysctl {
+        let path = format!("/proc/sys/net/netfilter/{file}");
+        let saved = std::fs::read_to_string(&path).unwrap();
+        if file == "nf_conntrack_max" {
+            let host_count = read_global("nf_conntrack_count");
+            assert!(
+                value > host_count,
+                "refusing to lower the host's max to {value}: it tracks {host_count} entries"
+            );
+        }
+        std::fs::write(&path, value.to_string()).unwrap_or_else(|e| panic!("{path}: {e}"));
+        GlobalSysctl { path, saved }
+    }
+}
+
+impl Drop for GlobalSysctl {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(&self.path, self.saved.trim()) {
+            eprintln!("RESTORE FAILED {}: {e}", self.path);
+        }
+    }
+}
