@@ -6,8 +6,10 @@ judged against a validated [`policy`]. Simulation and the other drivers in [`cli
 thin layers around that same engine.
 */
 
+pub mod act;
 pub mod cli;
 pub mod engine;
+pub mod journal;
 pub mod knob;
 pub mod loadgen;
 pub mod netns;

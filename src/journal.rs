@@ -1,0 +1,393 @@
+/*!
+The write-ahead journal: every change ctguard makes to the host is recorded here *before*
+it is made, so it can always be undone to its exact original value — after recovery, on
+command, and after a crash.
+
+The journal is one small JSON document under the state directory, rewritten atomically on
+every transition (temporary file, fsync, rename, fsync of the directory; mode 0600). An
+entry goes `Intended → Applied | Failed`, and later `Applied → Reverted`. An entry left
+`Intended` by a crash may or may not have reached the kernel; [`Journal::reconcile`] decides
+from the live value.
+
+A journal that cannot be read or parsed is never overwritten: [`Journal::open`] fails with
+[`JournalError::Corrupt`], and the daemon then watches and reports without acting.
+*/
+
+use crate::knob::Knob;
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// The journal's file name inside the state directory.
+pub const FILE_NAME: &str = "journal.json";
+/// The on-disk format version this build reads and writes.
+const FORMAT_VERSION: u32 = 1;
+
+/// Identifies one entry.
+pub type EntryId = u64;
+
+/// Where an entry is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryState {
+    /// Recorded; the write may or may not have happened (a crash leaves it here).
+    Intended,
+    /// The new value was written and read back.
+    Applied,
+    /// The write failed or was refused; the host kept its original value.
+    Failed,
+    /// The original value was restored.
+    Reverted,
+}
+
+/// One change to one knob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub id: EntryId,
+    pub knob: Knob,
+    /// The live value read just before the change: what rollback restores.
+    pub original: u64,
+    /// The value ctguard set.
+    pub new: u64,
+    /// The policy stage that made the change (`raise_limits`, …).
+    pub stage: String,
+    /// The incident the change belongs to.
+    pub incident: u64,
+    /// The network namespace the knob lives in (`None`: ctguard's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// When the entry was recorded, seconds since the Unix epoch.
+    pub recorded_at: u64,
+    pub state: EntryState,
+    /// Why it failed, or a note from reconciliation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl JournalEntry {
+    /// Whether the change may still be in force on the host (and so needs a rollback).
+    pub fn may_be_in_force(&self) -> bool {
+        matches!(self.state, EntryState::Intended | EntryState::Applied)
+    }
+}
+
+/// What a change's live value says about it, on start or before a rollback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LiveState {
+    /// The live value is the one ctguard set.
+    InForce,
+    /// The live value is the original: the change never landed or was undone by someone.
+    Original,
+    /// The live value is neither: someone (or a firewall restart) changed it.
+    Drifted { live: u64 },
+}
+
+impl LiveState {
+    pub fn of(entry: &JournalEntry, live: u64) -> LiveState {
+        if live == entry.new {
+            LiveState::InForce
+        } else if live == entry.original {
+            LiveState::Original
+        } else {
+            LiveState::Drifted { live }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{path}: the journal is corrupt ({detail}); ctguard will not act until it is fixed: \
+         inspect it, restore values by hand if needed, then move it aside"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("journal entry {0} does not exist")]
+    NoSuchEntry(EntryId),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OnDisk {
+    version: u32,
+    next_id: EntryId,
+    entries: Vec<JournalEntry>,
+}
+
+/// The journal of one state directory.
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+    next_id: EntryId,
+    entries: Vec<JournalEntry>,
+}
+
+/// A change about to be made, as the caller describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    pub knob: Knob,
+    pub original: u64,
+    pub new: u64,
+    pub stage: String,
+    pub incident: u64,
+    pub netns: Option<PathBuf>,
+}
+
+impl Journal {
+    /// Opens (creating if needed, mode 0700) the state directory and reads its journal.
+    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| JournalError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        let path = dir.join(FILE_NAME);
+        let on_disk = match fs::read(&path) {
+            Ok(bytes) => parse(&path, &bytes)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => OnDisk {
+                version: FORMAT_VERSION,
+                next_id: 1,
+                entries: Vec::new(),
+            },
+            Err(source) => return Err(JournalError::Io { path, source }),
+        };
+        Ok(Journal {
+            dir: dir.to_path_buf(),
+            next_id: on_disk.next_id,
+            entries: on_disk.entries,
+        })
+    }
+
+    /// The journal file's path.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(FILE_NAME)
+    }
+
+    pub fn entries(&self) -> &[JournalEntry] {
+        &self.entries
+    }
+
+    pub fn entry(&self, id: EntryId) -> Option<&JournalEntry> {
+        self.entries.iter().find(|e| e.id == id)
+    }
+
+    /// Changes that may still be in force, newest first: the order to roll them back in.
+    pub fn in_force_newest_first(&self) -> Vec<&JournalEntry> {
+        self.entries
+            .iter()
+            .rev()
+            .filter(|e| e.may_be_in_force())
+            .collect()
+    }
+
+    /// Records a change before it is made, durably. Only once this returns may the caller
+    /// write to the host.
+    pub fn record(&mut self, intent: Intent, now_unix: u64) -> Result<EntryId, JournalError> {
+        let id = self.next_id;
+        let mut next = self.snapshot();
+        next.next_id = id + 1;
+        next.entries.push(JournalEntry {
+            id,
+            knob: intent.knob,
+            original: intent.original,
+            new: intent.new,
+            stage: intent.stage,
+            incident: intent.incident,
+            netns: intent.netns,
+            recorded_at: now_unix,
+            state: EntryState::Intended,
+            note: None,
+        });
+        self.commit(next)?;
+        Ok(id)
+    }
+
+    /// Moves an entry to `state`, durably, with an optional note.
+    pub fn mark(
+        &mut self,
+        id: EntryId,
+        state: EntryState,
+        note: Option<String>,
+    ) -> Result<(), JournalError> {
+        let mut next = self.snapshot();
+        let entry = next
+            .entries
+            .iter_mut()
+            .find(|e| e.id == id)
+            .ok_or(JournalError::NoSuchEntry(id))?;
+        entry.state = state;
+        if note.is_some() {
+            entry.note = note;
+        }
+        self.commit(next)
+    }
+
+    fn snapshot(&self) -> OnDisk {
+        OnDisk {
+            version: FORMAT_VERSION,
+            next_id: self.next_id,
+            entries: self.entries.clone(),
+        }
+    }
+
+    /// Writes `next` to disk and only then adopts it in memory, so memory never runs ahead
+    /// of what a crash would leave behind.
+    fn commit(&mut self, next: OnDisk) -> Result<(), JournalError> {
+        let bytes = serde_json::to_vec_pretty(&next).expect("journal serialises");
+        write_atomically(&self.dir, FILE_NAME, &bytes).map_err(|source| JournalError::Io {
+            path: self.path(),
+            source,
+        })?;
+        self.next_id = next.next_id;
+        self.entries = next.entries;
+        Ok(())
+    }
+}
+
+fn parse(path: &Path, bytes: &[u8]) -> Result<OnDisk, JournalError> {
+    let corrupt = |detail: String| JournalError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let on_disk: OnDisk = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if on_disk.version != FORMAT_VERSION {
+        return Err(corrupt(format!(
+            "format version {} (this ctguard reads {FORMAT_VERSION})",
+            on_disk.version
+        )));
+    }
+    if let Some(max_id) = on_disk.entries.iter().map(|e| e.id).max()
+        && max_id >= on_disk.next_id
+    {
+        return Err(corrupt(format!(
+            "entry id {max_id} is not below next_id {}",
+            on_disk.next_id
+        )));
+    }
+    Ok(on_disk)
+}
+
+/// Replaces `dir/name` with `bytes` so that a crash leaves either the old or the new file,
+/// never a mix: temporary file, fsync, rename over, fsync of the directory. Mode 0600.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::knob::TimeoutKnob;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn intent(knob: Knob, original: u64, new: u64) -> Intent {
+        Intent {
+            knob,
+            original,
+            new,
+            stage: "raise_limits".into(),
+            incident: 7,
+            netns: None,
+        }
+    }
+
+    #[test]
+    fn records_survive_reopen_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let a = j.record(intent(Knob::Max, 65536, 131072), 100).unwrap();
+        let b = j
+            .record(
+                intent(Knob::Timeout(TimeoutKnob::Established), 432000, 3600),
+                101,
+            )
+            .unwrap();
+        j.mark(a, EntryState::Applied, None).unwrap();
+        drop(j);
+
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.entry(a).unwrap().state, EntryState::Applied);
+        assert_eq!(j.entry(b).unwrap().state, EntryState::Intended);
+        let order: Vec<_> = j.in_force_newest_first().iter().map(|e| e.id).collect();
+        assert_eq!(order, vec![b, a]);
+        let mode = fs::metadata(j.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn ids_keep_growing_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let a = j.record(intent(Knob::Max, 1, 2), 0).unwrap();
+        drop(j);
+        let mut j = Journal::open(dir.path()).unwrap();
+        let b = j.record(intent(Knob::Max, 2, 3), 0).unwrap();
+        assert!(b > a);
+    }
+
+    #[test]
+    fn corrupt_journal_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        fs::write(&path, b"{\"version\":1,\"next_id\":").unwrap();
+        let err = Journal::open(dir.path()).unwrap_err();
+        assert!(matches!(err, JournalError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("journal.json"), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), b"{\"version\":1,\"next_id\":");
+    }
+
+    #[test]
+    fn inconsistent_ids_are_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.record(intent(Knob::Max, 1, 2), 0).unwrap();
+        let text = fs::read_to_string(j.path()).unwrap();
+        fs::write(j.path(), text.replace("\"next_id\": 2", "\"next_id\": 1")).unwrap();
+        assert!(matches!(
+            Journal::open(dir.path()),
+            Err(JournalError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn live_state_tells_in_force_original_and_drift() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let id = j.record(intent(Knob::Max, 100, 200), 0).unwrap();
+        let e = j.entry(id).unwrap();
+        assert_eq!(LiveState::of(e, 200), LiveState::InForce);
+        assert_eq!(LiveState::of(e, 100), LiveState::Original);
+        assert_eq!(LiveState::of(e, 150), LiveState::Drifted { live: 150 });
+    }
+
+    #[test]
+    fn a_failed_write_leaves_memory_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        // Point the journal at a directory that no longer exists: the write must fail
+        // and the in-memory journal must not pretend the entry was recorded.
+        j.dir = dir.path().join("gone");
+        assert!(j.record(intent(Knob::Max, 1, 2), 0).is_err());
+        assert!(j.entries().is_empty());
+    }
+}
