@@ -34,6 +34,22 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// Takes the host-wide kernel-test lock (released when the file is closed).
+pub fn lock_host() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let path = "/run/lock/ctguard-kernel-tests.lock";
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    // SAFETY: flock on a descriptor we own; blocks until other runs finish.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "{path}: flock: {}", std::io::Error::last_os_error());
+    file
+}
+
 /// Runs a command and fails the test with its stderr when it fails.
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));

@@ -3,6 +3,7 @@
 //! They run one at a time (several change global sysctls), and without root or conntrack
 //! they are reported as ignored with one line that says why.
 
+mod act;
 mod lab;
 mod loadgen;
 
@@ -11,6 +12,7 @@ use libtest_mimic::{Arguments, Trial};
 /// Every kernel test, by name.
 fn tests() -> Vec<(&'static str, fn())> {
     let mut all: Vec<(&'static str, fn())> = Vec::new();
+    all.extend(act::TESTS);
     all.extend(loadgen::TESTS);
     all
 }
@@ -19,6 +21,9 @@ fn main() {
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
     let reason = lab::unavailable_reason();
+    // Global sysctls are shared by every process on the host: hold a host-wide lock so two
+    // kernel test runs (two checkouts, CI) never save and restore over each other.
+    let _lock = reason.is_none().then(lab::lock_host);
     if let Some(why) = &reason {
         println!("kernel tests skipped: {why}");
     }
