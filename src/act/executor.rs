@@ -1,0 +1,435 @@
+/*!
+The executor carries out changes on the host in the one safe order: re-read the live value,
+journal the change, write it, read it back, mark the journal. It also undoes changes from
+the journal (rollback) and reconciles the journal with the host after a restart.
+
+It holds the last line of defence for the rules ctguard must never break, whatever the
+engine decided: never lower `nf_conntrack_max` below the entries in use, never shrink the
+hash table, never act on a value that changed since the decision, never act unjournaled.
+*/
+
+use super::{ActError, Actuator};
+use crate::journal::{EntryId, EntryState, Intent, Journal, JournalEntry, JournalError, LiveState};
+use crate::knob::Knob;
+use std::path::PathBuf;
+
+/// A change the engine decided on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRequest {
+    pub knob: Knob,
+    /// The live value the decision was based on.
+    pub expected: u64,
+    pub to: u64,
+    pub stage: String,
+    pub incident: u64,
+}
+
+/// Why a change was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The journal could not record the change, so it was not made.
+    #[error("change not made because it could not be journaled: {0}")]
+    Journal(#[from] JournalError),
+    #[error("{knob} is {live} now, not {expected} as decided; not changed")]
+    Stale {
+        knob: Knob,
+        expected: u64,
+        live: u64,
+    },
+    #[error("{knob}: refusing {to}: {why}")]
+    Unsafe { knob: Knob, to: u64, why: String },
+    #[error(transparent)]
+    Act(#[from] ActError),
+}
+
+impl ExecError {
+    /// Whether the environment forbids the change (the engine tries another stage).
+    pub fn is_not_permitted(&self) -> bool {
+        matches!(self, ExecError::Act(e) if e.is_not_permitted())
+    }
+}
+
+/// What a revert found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reverted {
+    /// The original value was written back.
+    Restored { entry: EntryId, knob: Knob, to: u64 },
+    /// The host already had the original value (the change never landed, or was undone).
+    AlreadyOriginal { entry: EntryId, knob: Knob },
+    /// Someone else changed the value since; it was left alone.
+    LeftDrifted {
+        entry: EntryId,
+        knob: Knob,
+        live: u64,
+    },
+    /// Restoring would lower max below the entries in use; kept for a later try.
+    Deferred {
+        entry: EntryId,
+        knob: Knob,
+        why: String,
+    },
+}
+
+/// Makes and undoes journaled changes through an actuator.
+pub struct Executor<A> {
+    actuator: A,
+    journal: Journal,
+    /// The namespace the actuator's per-namespace knobs belong to (recorded in the journal).
+    netns: Option<PathBuf>,
+    now_unix: fn() -> u64,
+}
+
+fn system_now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl<A: Actuator> Executor<A> {
+    pub fn new(actuator: A, journal: Journal, netns: Option<PathBuf>) -> Self {
+        Executor {
+            actuator,
+            journal,
+            netns,
+            now_unix: system_now_unix,
+        }
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    pub fn actuator(&mut self) -> &mut A {
+        &mut self.actuator
+    }
+
+    /// Makes one change: re-read, check, journal, write, verify, mark. `in_use` is the
+    /// table's current entry count (for the max floor).
+    pub fn apply(&mut self, req: &ChangeRequest, in_use: u64) -> Result<EntryId, ExecError> {
+        let live = self.actuator.read(req.knob)?;
+        if live != req.expected {
+            return Err(ExecError::Stale {
+                knob: req.knob,
+                expected: req.expected,
+                live,
+            });
+        }
+        check_safe(req.knob, live, req.to, in_use)?;
+        let id = self.journal.record(
+            Intent {
+                knob: req.knob,
+                original: live,
+                new: req.to,
+                stage: req.stage.clone(),
+                incident: req.incident,
+                netns: self.netns_of(req.knob),
+            },
+            (self.now_unix)(),
+        )?;
+        match self.actuator.write(req.knob, req.to) {
+            Ok(()) => {
+                self.journal.mark(id, EntryState::Applied, None)?;
+                Ok(id)
+            }
+            Err(e) => {
+                // A failed write may still have changed the value (a verify mismatch):
+                // record what the host holds so rollback knows.
+                let note = match self.actuator.read(req.knob) {
+                    Ok(now) if now != live => format!("{e}; host now holds {now}"),
+                    _ => e.to_string(),
+                };
+                let state = match self.actuator.read(req.knob) {
+                    Ok(now) if now == live => EntryState::Failed,
+                    _ => EntryState::Applied,
+                };
+                self.journal.mark(id, state, Some(note))?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Undoes one journaled change if it is still in force; leaves drifted values alone.
+    pub fn revert(&mut self, id: EntryId, in_use: u64) -> Result<Reverted, ExecError> {
+        let entry = self
+            .journal
+            .entry(id)
+            .cloned()
+            .ok_or(JournalError::NoSuchEntry(id))?;
+        let live = self.actuator.read(entry.knob)?;
+        match LiveState::of(&entry, live) {
+            LiveState::Original => {
+                self.journal.mark(
+                    id,
+                    EntryState::Reverted,
+                    Some("host already held the original value".into()),
+                )?;
+                Ok(Reverted::AlreadyOriginal {
+                    entry: id,
+                    knob: entry.knob,
+                })
+            }
+            LiveState::Drifted { live } => Ok(Reverted::LeftDrifted {
+                entry: id,
+                knob: entry.knob,
+                live,
+            }),
+            LiveState::InForce => {
+                if entry.knob == Knob::Max && entry.original < in_use {
+                    return Ok(Reverted::Deferred {
+                        entry: id,
+                        knob: entry.knob,
+                        why: format!(
+                            "restoring max {} would be below the {in_use} entries in use",
+                            entry.original
+                        ),
+                    });
+                }
+                self.actuator.write(entry.knob, entry.original)?;
+                self.journal.mark(id, EntryState::Reverted, None)?;
+                Ok(Reverted::Restored {
+                    entry: id,
+                    knob: entry.knob,
+                    to: entry.original,
+                })
+            }
+        }
+    }
+
+    /// Compares every change that may be in force with the host, after a restart: changes
+    /// still in force are kept (adopted), interrupted ones settled from the live value.
+    pub fn reconcile(&mut self) -> Result<Vec<(JournalEntry, LiveState)>, ExecError> {
+        let pending: Vec<JournalEntry> = self
+            .journal
+            .in_force_newest_first()
+            .into_iter()
+            .cloned()
+            .collect();
+        let mut report = Vec::with_capacity(pending.len());
+        for entry in pending {
+            let live = self.actuator.read(entry.knob)?;
+            let state = LiveState::of(&entry, live);
+            match (entry.state, state) {
+                // A crash between journal and write: the write never happened.
+                (EntryState::Intended, LiveState::Original) => self.journal.mark(
+                    entry.id,
+                    EntryState::Failed,
+                    Some("interrupted before the write; host kept the original".into()),
+                )?,
+                (EntryState::Intended, LiveState::InForce) => self.journal.mark(
+                    entry.id,
+                    EntryState::Applied,
+                    Some("interrupted after the write; adopted".into()),
+                )?,
+                _ => {}
+            }
+            report.push((entry, state));
+        }
+        Ok(report)
+    }
+
+    fn netns_of(&self, knob: Knob) -> Option<PathBuf> {
+        if knob.is_global() {
+            None
+        } else {
+            self.netns.clone()
+        }
+    }
+}
+
+/// The rules no decision may break.
+fn check_safe(knob: Knob, live: u64, to: u64, in_use: u64) -> Result<(), ExecError> {
+    let unsafe_because = |why: String| Err(ExecError::Unsafe { knob, to, why });
+    match knob {
+        Knob::Max if to < in_use => unsafe_because(format!("below the {in_use} entries in use")),
+        Knob::Max if to < live => unsafe_because(format!("lower than the live max {live}")),
+        Knob::Buckets if to < live => {
+            unsafe_because(format!("would shrink the hash table from {live}"))
+        }
+        _ if to == 0 => unsafe_because("zero disables the knob".into()),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::act::recording::RecordingActuator;
+    use crate::act::sysctl::{Roots, SysctlActuator};
+    use crate::knob::TimeoutKnob;
+
+    const EST: Knob = Knob::Timeout(TimeoutKnob::Established);
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        state: PathBuf,
+        nf: PathBuf,
+    }
+
+    fn fixture() -> (Fixture, Executor<SysctlActuator>) {
+        let dir = tempfile::tempdir().unwrap();
+        let nf = dir.path().join("proc/net/netfilter");
+        std::fs::create_dir_all(&nf).unwrap();
+        std::fs::write(nf.join("nf_conntrack_max"), "1000\n").unwrap();
+        std::fs::write(nf.join("nf_conntrack_buckets"), "250\n").unwrap();
+        std::fs::write(nf.join(EST.sysctl_file()), "432000\n").unwrap();
+        let state = dir.path().join("state");
+        let act = SysctlActuator::new(
+            Roots {
+                proc_sys: dir.path().join("proc"),
+                module_params: dir.path().join("none"),
+            },
+            None,
+        );
+        let exec = Executor::new(act, Journal::open(&state).unwrap(), None);
+        (
+            Fixture {
+                _dir: dir,
+                state,
+                nf,
+            },
+            exec,
+        )
+    }
+
+    fn req(knob: Knob, expected: u64, to: u64) -> ChangeRequest {
+        ChangeRequest {
+            knob,
+            expected,
+            to,
+            stage: "raise_limits".into(),
+            incident: 1,
+        }
+    }
+
+    fn live(f: &Fixture, knob: Knob) -> u64 {
+        std::fs::read_to_string(f.nf.join(knob.sysctl_file()))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn apply_then_revert_restores_exactly() {
+        let (f, mut exec) = fixture();
+        let a = exec.apply(&req(Knob::Max, 1000, 4000), 990).unwrap();
+        let b = exec.apply(&req(EST, 432000, 3600), 990).unwrap();
+        assert_eq!(live(&f, Knob::Max), 4000);
+        assert_eq!(exec.journal().entry(a).unwrap().state, EntryState::Applied);
+        assert!(matches!(
+            exec.revert(b, 990).unwrap(),
+            Reverted::Restored { .. }
+        ));
+        assert!(matches!(
+            exec.revert(a, 990).unwrap(),
+            Reverted::Restored { .. }
+        ));
+        assert_eq!(live(&f, Knob::Max), 1000);
+        assert_eq!(live(&f, EST), 432000);
+        assert!(exec.journal().in_force_newest_first().is_empty());
+    }
+
+    #[test]
+    fn refuses_unsafe_and_stale_changes_without_journaling() {
+        let (_f, mut exec) = fixture();
+        let below_use = exec.apply(&req(Knob::Max, 1000, 1500), 2000).unwrap_err();
+        assert!(matches!(below_use, ExecError::Unsafe { .. }), "{below_use}");
+        let shrink = exec.apply(&req(Knob::Buckets, 250, 100), 0).unwrap_err();
+        assert!(matches!(shrink, ExecError::Unsafe { .. }), "{shrink}");
+        let stale = exec.apply(&req(Knob::Max, 999, 5000), 0).unwrap_err();
+        assert!(
+            matches!(stale, ExecError::Stale { live: 1000, .. }),
+            "{stale}"
+        );
+        assert!(exec.journal().entries().is_empty());
+    }
+
+    #[test]
+    fn revert_leaves_drift_alone_and_defers_below_use() {
+        let (f, mut exec) = fixture();
+        let a = exec.apply(&req(Knob::Max, 1000, 4000), 500).unwrap();
+        assert!(matches!(
+            exec.revert(a, 3000).unwrap(),
+            Reverted::Deferred { .. }
+        ));
+        std::fs::write(f.nf.join("nf_conntrack_max"), "2500\n").unwrap();
+        assert_eq!(
+            exec.revert(a, 0).unwrap(),
+            Reverted::LeftDrifted {
+                entry: a,
+                knob: Knob::Max,
+                live: 2500
+            }
+        );
+        assert_eq!(live(&f, Knob::Max), 2500);
+        assert!(exec.journal().entry(a).unwrap().may_be_in_force());
+    }
+
+    #[test]
+    fn journal_failure_means_no_write() {
+        let (f, mut exec) = fixture();
+        std::fs::remove_dir_all(&f.state).unwrap();
+        std::fs::write(&f.state, b"not a directory").unwrap();
+        let err = exec.apply(&req(Knob::Max, 1000, 4000), 0).unwrap_err();
+        assert!(matches!(err, ExecError::Journal(_)), "{err}");
+        assert_eq!(live(&f, Knob::Max), 1000);
+    }
+
+    #[test]
+    fn reconcile_settles_interrupted_entries() {
+        let (f, mut exec) = fixture();
+        // Simulate crashes: one intent whose write never happened, one that did.
+        let mut journal = Journal::open(&f.state).unwrap();
+        let never = journal
+            .record(
+                Intent {
+                    knob: EST,
+                    original: 432000,
+                    new: 600,
+                    stage: "shorten_timeouts".into(),
+                    incident: 1,
+                    netns: None,
+                },
+                0,
+            )
+            .unwrap();
+        let landed = journal
+            .record(
+                Intent {
+                    knob: Knob::Max,
+                    original: 1000,
+                    new: 3000,
+                    stage: "raise_limits".into(),
+                    incident: 1,
+                    netns: None,
+                },
+                0,
+            )
+            .unwrap();
+        std::fs::write(f.nf.join("nf_conntrack_max"), "3000\n").unwrap();
+        exec.journal = journal;
+        let report = exec.reconcile().unwrap();
+        assert_eq!(report.len(), 2);
+        assert_eq!(
+            exec.journal().entry(never).unwrap().state,
+            EntryState::Failed
+        );
+        assert_eq!(
+            exec.journal().entry(landed).unwrap().state,
+            EntryState::Applied
+        );
+    }
+
+    #[test]
+    fn dry_run_journals_nothing_on_the_host() {
+        let (f, exec) = fixture();
+        let Executor {
+            actuator, journal, ..
+        } = exec;
+        let mut dry = Executor::new(RecordingActuator::new(actuator), journal, None);
+        dry.apply(&req(Knob::Max, 1000, 4000), 0).unwrap();
+        assert_eq!(live(&f, Knob::Max), 1000);
+        assert_eq!(dry.actuator().writes().len(), 1);
+    }
+}
