@@ -55,7 +55,8 @@ pub struct JournalEntry {
     pub stage: String,
     /// The incident the change belongs to.
     pub incident: u64,
-    /// The network namespace the knob lives in (`None`: ctguard's own).
+    /// The network namespace being protected (`None`: ctguard's own). Its timeouts were
+    /// changed; global knobs are shared by all namespaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
     /// When the entry was recorded, seconds since the Unix epoch.

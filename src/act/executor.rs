@@ -74,7 +74,8 @@ pub enum Reverted {
 pub struct Executor<A> {
     actuator: A,
     journal: Journal,
-    /// The namespace the actuator's per-namespace knobs belong to (recorded in the journal).
+    /// The namespace being protected, recorded with every change: its timeouts are the
+    /// ones changed, and its entry count is what a lower max must still hold.
     netns: Option<PathBuf>,
     now_unix: fn() -> u64,
 }
@@ -123,7 +124,7 @@ impl<A: Actuator> Executor<A> {
                 new: req.to,
                 stage: req.stage.clone(),
                 incident: req.incident,
-                netns: self.netns_of(req.knob),
+                netns: self.netns.clone(),
             },
             (self.now_unix)(),
         )?;
@@ -228,12 +229,9 @@ impl<A: Actuator> Executor<A> {
         Ok(report)
     }
 
-    fn netns_of(&self, knob: Knob) -> Option<PathBuf> {
-        if knob.is_global() {
-            None
-        } else {
-            self.netns.clone()
-        }
+    /// Gives the journal back (to hand it to the executor of another namespace).
+    pub fn into_journal(self) -> Journal {
+        self.journal
     }
 }
 

@@ -6,7 +6,9 @@ subcommand does lives in its module here.
 */
 
 pub mod check;
+pub mod journal;
 pub mod record;
+pub mod rollback;
 pub mod simulate;
 pub mod status;
 
@@ -40,6 +42,18 @@ pub enum Command {
     Simulate(simulate::SimulateArgs),
     /// Record a live trace of samples and kernel events for later simulation.
     Record(record::RecordArgs),
+    /// List the changes ctguard made (from the write-ahead journal).
+    Journal(journal::JournalArgs),
+    /// Restore original values of changes still in force.
+    Rollback(rollback::RollbackArgs),
+}
+
+/// `--state-dir`, shared by every command that reads or writes the journal.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StateDir {
+    /// Where the journal and incident records live.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/ctguard")]
+    pub state_dir: std::path::PathBuf,
 }
 
 /// Runs the parsed command line.
@@ -50,6 +64,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Record(args) => record::run(args),
+        Command::Journal(args) => journal::run(args),
+        Command::Rollback(args) => rollback::run(args),
     }
 }
 

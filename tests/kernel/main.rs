@@ -6,6 +6,7 @@
 mod act;
 mod lab;
 mod loadgen;
+mod rollback;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -14,6 +15,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     let mut all: Vec<(&'static str, fn())> = Vec::new();
     all.extend(act::TESTS);
     all.extend(loadgen::TESTS);
+    all.extend(rollback::TESTS);
     all
 }
 

@@ -1,0 +1,66 @@
+//! `ctguard journal`: what ctguard changed on this host, and what is still in force.
+
+use super::StateDir;
+use crate::journal::{EntryState, Journal};
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct JournalArgs {
+    #[command(flatten)]
+    pub state: StateDir,
+    /// Only changes that may still be in force.
+    #[arg(long)]
+    pub in_force: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: JournalArgs) -> anyhow::Result<ExitCode> {
+    let journal = Journal::open(&args.state.state_dir)?;
+    let entries: Vec<_> = journal
+        .entries()
+        .iter()
+        .filter(|e| !args.in_force || e.may_be_in_force())
+        .collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if entries.is_empty() {
+        println!("no changes recorded in {}", journal.path().display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>5}  {:<11} {:<16} {:>9}  {:<48} {:>10} → {:<10} namespace",
+        "id", "recorded", "stage", "state", "knob", "original", "new"
+    );
+    for e in entries {
+        let recorded = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.recorded_at),
+        );
+        let state = match e.state {
+            EntryState::Intended => "intended",
+            EntryState::Applied => "applied",
+            EntryState::Failed => "failed",
+            EntryState::Reverted => "reverted",
+        };
+        println!(
+            "{:>5}  {:<11} {:<16} {:>9}  {:<48} {:>10} → {:<10} {}",
+            e.id,
+            &recorded.to_string()[..10],
+            e.stage,
+            state,
+            e.knob.to_string(),
+            e.original,
+            e.new,
+            e.netns
+                .as_deref()
+                .map_or("(own)".into(), |p| p.display().to_string()),
+        );
+        if let Some(note) = &e.note {
+            println!("       note: {note}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

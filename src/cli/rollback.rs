@@ -1,0 +1,98 @@
+//! `ctguard rollback`: put back the original values of changes still in force, newest
+//! first, from the journal (also after a crash). Values someone else changed since are
+//! left alone and reported.
+
+use super::StateDir;
+use crate::act::executor::{Executor, Reverted};
+use crate::act::sysctl::{Roots, SysctlActuator};
+use crate::journal::{EntryId, Journal};
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["all", "stage"])))]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub state: StateDir,
+    /// Roll back every change still in force.
+    #[arg(long)]
+    pub all: bool,
+    /// Roll back only the changes of this stage (e.g. `shorten_timeouts`).
+    #[arg(long, value_name = "NAME")]
+    pub stage: Option<String>,
+}
+
+pub fn run(args: RollbackArgs) -> anyhow::Result<ExitCode> {
+    let mut journal = Journal::open(&args.state.state_dir)?;
+    // Newest first, grouped by namespace in that order: each group gets an actuator
+    // bound to its namespace.
+    let mut groups: Vec<(Option<PathBuf>, Vec<EntryId>)> = Vec::new();
+    for e in journal.in_force_newest_first() {
+        if args.stage.as_deref().is_some_and(|s| s != e.stage) {
+            continue;
+        }
+        match groups.iter_mut().find(|(ns, _)| *ns == e.netns) {
+            Some((_, ids)) => ids.push(e.id),
+            None => groups.push((e.netns.clone(), vec![e.id])),
+        }
+    }
+    if groups.is_empty() {
+        println!("nothing to roll back");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut complete = true;
+    for (netns, ids) in groups {
+        let in_use = entries_in_use(netns.as_deref())?;
+        let actuator = SysctlActuator::new(Roots::default(), netns.clone());
+        let mut exec = Executor::new(actuator, journal, netns);
+        for id in ids {
+            match exec.revert(id, in_use) {
+                Ok(Reverted::Restored { entry, knob, to }) => {
+                    println!("#{entry}: {knob} restored to {to}")
+                }
+                Ok(Reverted::AlreadyOriginal { entry, knob }) => {
+                    println!("#{entry}: {knob} already at its original value")
+                }
+                Ok(Reverted::LeftDrifted { entry, knob, live }) => {
+                    complete = false;
+                    println!(
+                        "#{entry}: {knob} left alone: it is {live} now, set by someone else since"
+                    )
+                }
+                Ok(Reverted::Deferred { entry, knob, why }) => {
+                    complete = false;
+                    println!("#{entry}: {knob} not restored yet: {why}")
+                }
+                Err(e) => {
+                    complete = false;
+                    println!("#{id}: {e}")
+                }
+            }
+        }
+        journal = exec.into_journal();
+    }
+    Ok(if complete {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The most entries in use that a restored max must still hold: the protected namespace's
+/// count and ctguard's own.
+fn entries_in_use(netns: Option<&Path>) -> anyhow::Result<u64> {
+    let read = || -> anyhow::Result<u64> {
+        let path = "/proc/sys/net/netfilter/nf_conntrack_count";
+        let text = std::fs::read_to_string(path).with_context(|| path.to_string())?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("{path}: expected an unsigned integer"))
+    };
+    let own = read()?;
+    let target = match netns {
+        Some(ns) => crate::netns::run_in(ns, read)??,
+        None => own,
+    };
+    Ok(own.max(target))
+}
