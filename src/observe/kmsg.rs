@@ -354,6 +354,30 @@ mod tests {
     }
 
     #[test]
+    fn parses_captured_syn_flood_records() {
+        let bytes = fixture("syn_flood.bin");
+        let events: Vec<KmsgEvent> = split_records(&bytes)
+            .into_iter()
+            .map(|r| KmsgRecord::parse(r).unwrap().event().unwrap())
+            .collect();
+        assert_eq!(
+            events,
+            vec![
+                KmsgEvent {
+                    seq: 553,
+                    timestamp_us: 735_354_522,
+                    event: KernelEvent::SynFlood { port: 8080 }
+                },
+                KmsgEvent {
+                    seq: 554,
+                    timestamp_us: 735_556_392,
+                    event: KernelEvent::SynFlood { port: 8443 }
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn parses_dictionary_lines() {
         let record = KmsgRecord::parse(&fixture("dict_record.bin")).unwrap();
         assert_eq!(
