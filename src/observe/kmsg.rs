@@ -87,9 +87,21 @@ impl KmsgRecord {
         })?;
         let (header, rest) = (&bytes[..semicolon], &bytes[semicolon + 1..]);
         let mut fields = header.split(|&b| b == b',');
-        let prio = number_field(fields.next(), "PRIO", header)?;
-        let seq = number_field(fields.next(), "SEQ", header)?;
-        let timestamp_us = number_field(fields.next(), "TIMESTAMP", header)?;
+        let prio = number_field(
+            fields.next(),
+            "a decimal PRIO as the first header field",
+            header,
+        )?;
+        let seq = number_field(
+            fields.next(),
+            "a decimal SEQ as the second header field",
+            header,
+        )?;
+        let timestamp_us = number_field(
+            fields.next(),
+            "a decimal TIMESTAMP (microseconds) as the third header field",
+            header,
+        )?;
         // FLAGS is `-` or `c`/`+` (continuation lines); nothing here depends on it, but a
         // header without it is not the documented format.
         if fields.next().is_none_or(<[u8]>::is_empty) {
@@ -136,12 +148,11 @@ impl KmsgRecord {
     }
 }
 
-fn number_field(field: Option<&[u8]>, name: &'static str, header: &[u8]) -> Result<u64, KmsgError> {
-    let expected = match name {
-        "PRIO" => "a decimal PRIO as the first header field",
-        "SEQ" => "a decimal SEQ as the second header field",
-        _ => "a decimal TIMESTAMP (microseconds) as the third header field",
-    };
+fn number_field(
+    field: Option<&[u8]>,
+    expected: &'static str,
+    header: &[u8],
+) -> Result<u64, KmsgError> {
     let field = field.ok_or_else(|| KmsgError::new(expected, header))?;
     if field.is_empty() || !field.iter().all(u8::is_ascii_digit) {
         return Err(KmsgError::new(expected, field));
