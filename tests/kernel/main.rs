@@ -4,6 +4,7 @@
 //! they are reported as ignored with one line that says why.
 
 mod act;
+mod kmsg;
 mod lab;
 mod loadgen;
 mod rollback;
@@ -16,6 +17,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(act::TESTS);
     all.extend(loadgen::TESTS);
     all.extend(rollback::TESTS);
+    all.extend(kmsg::TESTS);
     all
 }
 
