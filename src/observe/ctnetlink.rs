@@ -542,6 +542,7 @@ impl CtnetlinkStats {
 
     /// Sends one request and collects its replies.
     fn exchange(&mut self, query: Query) -> Result<Vec<StatsBody>, ObserveError> {
+        self.drain(query)?;
         self.sequence_number = self.sequence_number.wrapping_add(1);
         let request = query.request(self.sequence_number);
         self.socket
@@ -553,6 +554,32 @@ impl CtnetlinkStats {
             replies.feed(&self.buffer)?;
         }
         Ok(replies.bodies)
+    }
+
+    /// Discards whatever an earlier, failed read left queued. A dump the kernel has not
+    /// finished only moves on when we receive, and a new dump request on a socket with a
+    /// dump still running fails with EBUSY; receiving the leftovers lets it finish.
+    fn drain(&mut self, query: Query) -> Result<(), ObserveError> {
+        // Bounded so a misbehaving kernel cannot keep us here; a dump of even thousands of
+        // CPUs takes far fewer datagrams.
+        for _ in 0..4096 {
+            let discarded =
+                retry_interrupted(|| self.socket.recv(&mut &mut [0u8; 0][..], libc::MSG_DONTWAIT));
+            match discarded {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => {
+                    return Err(netlink_error(
+                        query,
+                        format!("cannot discard stale replies: {e}"),
+                    ));
+                }
+            }
+        }
+        Err(netlink_error(
+            query,
+            "expected the socket to run empty, but stale replies kept coming".into(),
+        ))
     }
 
     /// Receives one whole datagram into `self.buffer`, however large (peeking at its size
@@ -585,6 +612,404 @@ fn retry_interrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T
         match call() {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const STATS_CPU_REQUEST: &[u8] =
+        include_bytes!("../../tests/fixtures/ctnetlink/stats_cpu.request.bin");
+    const STATS_CPU_REPLY: &[u8] =
+        include_bytes!("../../tests/fixtures/ctnetlink/stats_cpu.reply.bin");
+    const STATS_REQUEST: &[u8] = include_bytes!("../../tests/fixtures/ctnetlink/stats.request.bin");
+    const STATS_REPLY: &[u8] = include_bytes!("../../tests/fixtures/ctnetlink/stats.reply.bin");
+    const STATS_CPU_EPERM: &[u8] =
+        include_bytes!("../../tests/fixtures/ctnetlink/stats_cpu.eperm.reply.bin");
+    const CONNTRACK_S: &str = include_str!("../../tests/fixtures/ctnetlink/conntrack-S.txt");
+
+    /// The first message of the captured per-CPU dump, field by field.
+    #[rustfmt::skip]
+    const CPU0_MESSAGE: [u8; 100] = [
+        // nlmsghdr
+        0x64, 0x00, 0x00, 0x00, // length 100
+        0x04, 0x01,             // type: NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET_STATS_CPU
+        0x02, 0x00,             // flags: NLM_F_MULTI
+        0x01, 0x00, 0x00, 0x00, // sequence number 1
+        0x68, 0x2a, 0x00, 0x00, // port id of the capturing socket
+        // nfgenmsg
+        0x00,                   // family AF_UNSPEC
+        0x00,                   // version NFNETLINK_V0
+        0x00, 0x00,             // res_id: cpu 0 (big endian)
+        // NLAs: length 8, kind, big-endian u32
+        0x08, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, // CTA_STATS_FOUND 0
+        0x08, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, // CTA_STATS_INVALID 0
+        0x08, 0x00, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, // CTA_STATS_INSERT 0
+        0x08, 0x00, 0x09, 0x00, 0x00, 0x00, 0x00, 0x00, // CTA_STATS_INSERT_FAILED 0
+        0x08, 0x00, 0x0a, 0x00, 0x00, 0x00, 0x0a, 0x89, // CTA_STATS_DROP 2697
+        0x08, 0x00, 0x0b, 0x00, 0x00, 0x00, 0x00, 0x5b, // CTA_STATS_EARLY_DROP 91
+        0x08, 0x00, 0x0c, 0x00, 0x00, 0x00, 0x00, 0x00, // CTA_STATS_ERROR 0
+        0x08, 0x00, 0x0d, 0x00, 0x00, 0x00, 0x00, 0x00, // CTA_STATS_SEARCH_RESTART 0
+        0x08, 0x00, 0x0e, 0x00, 0x00, 0x00, 0x00, 0x00, // CTA_STATS_CLASH_RESOLVE 0
+        0x08, 0x00, 0x0f, 0x00, 0x00, 0x00, 0x00, 0x00, // CTA_STATS_CHAIN_TOOLONG 0
+    ];
+
+    /// The end of the captured per-CPU dump.
+    #[rustfmt::skip]
+    const DONE_MESSAGE: [u8; 20] = [
+        0x14, 0x00, 0x00, 0x00, // length 20
+        0x03, 0x00,             // type NLMSG_DONE
+        0x02, 0x00,             // flags: NLM_F_MULTI
+        0x01, 0x00, 0x00, 0x00, // sequence number 1
+        0x68, 0x2a, 0x00, 0x00, // port id
+        0x00, 0x00, 0x00, 0x00, // dump status 0
+    ];
+
+    /// The whole captured reply to the global request.
+    #[rustfmt::skip]
+    const GLOBAL_REPLY: [u8; 72] = [
+        // the stats message
+        0x24, 0x00, 0x00, 0x00, // length 36
+        0x05, 0x01,             // type: NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET_STATS
+        0x02, 0x00,             // flags: NLM_F_MULTI (set by the kernel even here)
+        0x02, 0x00, 0x00, 0x00, // sequence number 2
+        0x68, 0x2a, 0x00, 0x00, // port id
+        0x00, 0x00, 0x00, 0x00, // nfgenmsg: AF_UNSPEC, NFNETLINK_V0, res_id 0
+        0x08, 0x00, 0x01, 0x00, 0x00, 0x00, 0x02, 0x00, // CTA_STATS_GLOBAL_ENTRIES 512
+        0x08, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02, 0x00, // CTA_STATS_GLOBAL_MAX_ENTRIES 512
+        // the ACK
+        0x24, 0x00, 0x00, 0x00, // length 36
+        0x02, 0x00,             // type NLMSG_ERROR
+        0x00, 0x01,             // flags: NLM_F_CAPPED (only the request's header follows)
+        0x02, 0x00, 0x00, 0x00, // sequence number 2
+        0x68, 0x2a, 0x00, 0x00, // port id
+        0x00, 0x00, 0x00, 0x00, // error code 0: ACK
+        0x14, 0x00, 0x00, 0x00, 0x05, 0x01, 0x05, 0x00, // the request's header:
+        0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, //   length, type, flags, seq, port
+    ];
+
+    /// A requests's bytes, field by field.
+    #[rustfmt::skip]
+    fn annotated_request(message_type: u8, flags: u16, sequence_number: u8) -> Vec<u8> {
+        let [flags_low, flags_high] = flags.to_le_bytes();
+        vec![
+            0x14, 0x00, 0x00, 0x00,               // length 20
+            message_type, 0x01,                   // type: NFNL_SUBSYS_CTNETLINK << 8 | message
+            flags_low, flags_high,                // flags
+            sequence_number, 0x00, 0x00, 0x00,    // sequence number
+            0x00, 0x00, 0x00, 0x00,               // port id: the kernel fills it in
+            0x00, 0x00, 0x00, 0x00,               // nfgenmsg: AF_UNSPEC, NFNETLINK_V0, res_id 0
+        ]
+    }
+
+    /// One netlink message built by hand: header, nfgenmsg with `res_id`, attributes.
+    fn message(kind: u16, flags: u16, seq: u32, res_id: u16, nlas: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut body = vec![0, NFNETLINK_V0];
+        body.extend(res_id.to_be_bytes());
+        for (nla_kind, value) in nlas {
+            body.extend((value.len() as u16 + 4).to_ne_bytes());
+            body.extend(nla_kind.to_ne_bytes());
+            body.extend(*value);
+            body.resize(body.len().next_multiple_of(4), 0);
+        }
+        let mut bytes = Vec::new();
+        bytes.extend((16 + body.len() as u32).to_ne_bytes());
+        bytes.extend(kind.to_ne_bytes());
+        bytes.extend(flags.to_ne_bytes());
+        bytes.extend(seq.to_ne_bytes());
+        bytes.extend(0u32.to_ne_bytes());
+        bytes.extend(body);
+        bytes
+    }
+
+    fn channel_and_message(error: ObserveError) -> (String, String) {
+        match error {
+            ObserveError::Netlink { channel, message } => (channel, message),
+            other => panic!("expected a netlink error, found {other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_match_the_captured_bytes() {
+        assert_eq!(Query::StatsCpu.request(1), STATS_CPU_REQUEST);
+        assert_eq!(Query::Stats.request(2), STATS_REQUEST);
+        assert_eq!(annotated_request(4, 0x0301, 1), STATS_CPU_REQUEST);
+        assert_eq!(annotated_request(5, 0x0005, 2), STATS_REQUEST);
+    }
+
+    #[test]
+    fn captured_dump_is_annotated_field_by_field() {
+        assert_eq!(&STATS_CPU_REPLY[..100], CPU0_MESSAGE);
+        assert_eq!(&STATS_CPU_REPLY[STATS_CPU_REPLY.len() - 20..], DONE_MESSAGE);
+        assert_eq!(STATS_REPLY, GLOBAL_REPLY);
+    }
+
+    #[test]
+    fn parses_the_captured_per_cpu_dump() {
+        let cpus = parse_stats_cpu_reply(1, STATS_CPU_REPLY).unwrap();
+        let cpu0 = CpuStats {
+            cpu: 0,
+            counters: ConntrackStats {
+                drop: 2697,
+                early_drop: 91,
+                ..ConntrackStats::default()
+            },
+            chain_toolong: 0,
+        };
+        let cpu1 = CpuStats {
+            cpu: 1,
+            ..CpuStats::default()
+        };
+        assert_eq!(cpus, [cpu0, cpu1]);
+    }
+
+    #[test]
+    fn parses_the_captured_global_reply() {
+        let global = parse_stats_reply(2, STATS_REPLY).unwrap();
+        assert_eq!(
+            global,
+            GlobalStats {
+                entries: 512,
+                max_entries: 512
+            }
+        );
+    }
+
+    #[test]
+    fn captured_dump_agrees_with_conntrack_tool() {
+        let cpus = parse_stats_cpu_reply(1, STATS_CPU_REPLY).unwrap();
+        for (line, cpu) in CONNTRACK_S.lines().zip(&cpus) {
+            let field = |name: &str| -> u64 {
+                line.split_whitespace()
+                    .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+                    .unwrap_or_else(|| panic!("{name} in {line:?}"))
+                    .parse()
+                    .unwrap()
+            };
+            assert_eq!(u64::from(cpu.cpu), field("cpu"));
+            let c = &cpu.counters;
+            let pairs = [
+                ("found", c.found),
+                ("invalid", c.invalid),
+                ("insert", c.insert),
+                ("insert_failed", c.insert_failed),
+                ("drop", c.drop),
+                ("early_drop", c.early_drop),
+                ("error", c.icmp_error),
+                ("search_restart", c.search_restart),
+                ("clash_resolve", c.clash_resolve),
+                ("chaintoolong", cpu.chain_toolong),
+            ];
+            for (name, value) in pairs {
+                assert_eq!(value, field(name), "{name} on cpu {}", cpu.cpu);
+            }
+        }
+        assert_eq!(CONNTRACK_S.lines().count(), cpus.len());
+    }
+
+    #[test]
+    fn reading_sums_the_cpus() {
+        let cpus = parse_stats_cpu_reply(1, STATS_CPU_REPLY).unwrap();
+        let mut doubled = cpus.clone();
+        doubled.extend(cpus.iter().map(|c| CpuStats {
+            cpu: c.cpu + 2,
+            chain_toolong: 3,
+            ..*c
+        }));
+        let reading = CtnetlinkReading::new(doubled, GlobalStats::default());
+        assert_eq!(reading.total.drop, 2 * 2697);
+        assert_eq!(reading.total.early_drop, 2 * 91);
+        assert_eq!(reading.chain_toolong, 6);
+        assert_eq!(reading.per_cpu.len(), 4);
+    }
+
+    #[test]
+    fn eperm_names_the_missing_capability() {
+        let error = parse_stats_cpu_reply(1, STATS_CPU_EPERM).unwrap_err();
+        let (channel, message) = channel_and_message(error);
+        assert_eq!(channel, "ctnetlink stats_cpu");
+        assert!(message.contains("errno 1"), "{message}");
+        assert!(message.contains("CAP_NET_ADMIN"), "{message}");
+    }
+
+    #[test]
+    fn counters_arrive_datagram_by_datagram() {
+        let mut replies = Replies::new(Query::StatsCpu, 1);
+        replies.feed(&STATS_CPU_REPLY[..100]).unwrap();
+        assert!(!replies.finished());
+        replies.feed(&STATS_CPU_REPLY[100..200]).unwrap();
+        assert!(!replies.finished());
+        replies.feed(&STATS_CPU_REPLY[200..]).unwrap();
+        assert!(replies.finished());
+        assert_eq!(replies.bodies().len(), 2);
+    }
+
+    #[test]
+    fn skips_messages_of_an_earlier_request() {
+        let stale = message(0x0104, 2, 7, 0, &[(CTA_STATS_DROP, &[0, 0, 0, 9])]);
+        let mut stream = stale;
+        stream.extend(STATS_CPU_REPLY);
+        let cpus = parse_stats_cpu_reply(1, &stream).unwrap();
+        assert_eq!(cpus[0].counters.drop, 2697);
+    }
+
+    #[test]
+    fn ignores_unknown_and_retired_attributes() {
+        let nlas: [(u16, &[u8]); 4] = [
+            (1, &[0, 0, 0, 5]), // CTA_STATS_SEARCHED, no longer used
+            (0x40, &[1, 2, 3]), // unknown, odd length
+            (CTA_STATS_IGNORE, &[0, 0, 1, 0]),
+            (CTA_STATS_DROP, &[0, 0, 0, 7]),
+        ];
+        let mut stream = message(0x0104, 2, 1, 3, &nlas);
+        stream.extend(&DONE_MESSAGE);
+        let cpus = parse_stats_cpu_reply(1, &stream).unwrap();
+        let expected = ConntrackStats {
+            ignore: 256,
+            drop: 7,
+            ..ConntrackStats::default()
+        };
+        assert_eq!(cpus[0].cpu, 3);
+        assert_eq!(cpus[0].counters, expected);
+    }
+
+    #[test]
+    fn short_counter_is_an_error_naming_it() {
+        let mut stream = message(0x0104, 2, 1, 0, &[(CTA_STATS_DROP, &[0, 9])]);
+        stream.extend(&DONE_MESSAGE);
+        let (channel, message) =
+            channel_and_message(parse_stats_cpu_reply(1, &stream).unwrap_err());
+        assert_eq!(channel, "ctnetlink stats_cpu");
+        assert!(message.contains("CTA_STATS_DROP"), "{message}");
+        assert!(message.contains("found 2 bytes"), "{message}");
+    }
+
+    #[test]
+    fn attribute_running_past_its_message_is_an_error() {
+        let mut stream = CPU0_MESSAGE.to_vec();
+        stream[20] = 0x60; // the first NLA claims 96 bytes; only 80 remain in the message
+        stream.extend(&DONE_MESSAGE);
+        let (channel, message) =
+            channel_and_message(parse_stats_cpu_reply(1, &stream).unwrap_err());
+        assert_eq!(channel, "ctnetlink stats_cpu");
+        assert!(
+            message.contains("expected a ctnetlink stats message"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn truncated_stream_is_an_error() {
+        let cut = &STATS_CPU_REPLY[..150];
+        let (_, message) = channel_and_message(parse_stats_cpu_reply(1, cut).unwrap_err());
+        assert!(
+            message.contains("expected a netlink message header"),
+            "{message}"
+        );
+
+        let without_done = &STATS_CPU_REPLY[..200];
+        let (_, message) = channel_and_message(parse_stats_cpu_reply(1, without_done).unwrap_err());
+        assert!(message.contains("NLMSG_DONE"), "{message}");
+
+        let without_ack = &STATS_REPLY[..36];
+        let (channel, message) =
+            channel_and_message(parse_stats_reply(2, without_ack).unwrap_err());
+        assert_eq!(channel, "ctnetlink stats");
+        assert!(message.contains("an ACK"), "{message}");
+    }
+
+    #[test]
+    fn wrong_message_type_is_an_error() {
+        let mut stream = STATS_REPLY.to_vec();
+        stream[8] = 1; // sequence number of the stats message: as if answering the dump
+        let (channel, message) =
+            channel_and_message(parse_stats_cpu_reply(1, &stream).unwrap_err());
+        assert_eq!(channel, "ctnetlink stats_cpu");
+        assert!(
+            message.contains("expected message type 0x0104, found 0x0105"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn empty_dump_is_an_error() {
+        let (_, message) =
+            channel_and_message(parse_stats_cpu_reply(1, &DONE_MESSAGE).unwrap_err());
+        assert!(
+            message.contains("at least one per-CPU message"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn failed_dump_reports_the_errno() {
+        let mut done = DONE_MESSAGE;
+        done[16..20].copy_from_slice(&(-libc::EINTR).to_ne_bytes());
+        let (_, message) = channel_and_message(parse_stats_cpu_reply(1, &done).unwrap_err());
+        assert!(
+            message.contains(&format!("errno {}", libc::EINTR)),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn global_reply_needs_both_attributes() {
+        let mut stream = message(
+            0x0105,
+            2,
+            2,
+            0,
+            &[(CTA_STATS_GLOBAL_ENTRIES, &[0, 0, 0, 1])],
+        );
+        stream.extend(&GLOBAL_REPLY[36..]);
+        let (_, message) = channel_and_message(parse_stats_reply(2, &stream).unwrap_err());
+        assert!(
+            message.contains("CTA_STATS_GLOBAL_MAX_ENTRIES"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn module_check() {
+        assert!(ctnetlink_available(None, None).is_ok());
+        let loaded = "nfnetlink 20480 1 nf_conntrack_netlink, Live 0x0\n\
+                      nf_conntrack_netlink 57344 0 - Live 0x0\n";
+        assert!(ctnetlink_available(Some(loaded), None).is_ok());
+        let builtin = "kernel/net/netfilter/nfnetlink.ko\n\
+                       kernel/net/netfilter/nf_conntrack_netlink.ko\n";
+        assert!(ctnetlink_available(Some(""), Some(builtin)).is_ok());
+        let only_user = "nfnetlink 20480 1 nf_conntrack_netlink, Live 0x0\n";
+        let refused = ctnetlink_available(Some(only_user), Some("")).unwrap_err();
+        assert!(refused.contains("nf_conntrack_netlink"), "{refused}");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_stats_cpu_reply(1, &bytes);
+            let _ = parse_stats_reply(2, &bytes);
+        }
+
+        // Random bytes rarely get past the first header; damaging the captured replies
+        // reaches the attribute and payload parsers too.
+        #[test]
+        fn damaged_captures_never_panic(
+            position in 0usize..220,
+            value in any::<u8>(),
+            cut in 0usize..220,
+        ) {
+            for (capture, seq) in [(STATS_CPU_REPLY, 1), (STATS_REPLY, 2), (STATS_CPU_EPERM, 1)] {
+                let mut bytes = capture.to_vec();
+                if let Some(byte) = bytes.get_mut(position) {
+                    *byte = value;
+                }
+                bytes.truncate(cut.max(position + 1));
+                let _ = parse_stats_cpu_reply(seq, &bytes);
+                let _ = parse_stats_reply(seq, &bytes);
+            }
         }
     }
 }

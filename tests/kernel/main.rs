@@ -3,6 +3,7 @@
 //! They run one at a time (several change global sysctls), and without root or conntrack
 //! they are reported as ignored with one line that says why.
 
+mod ctnetlink;
 mod lab;
 mod loadgen;
 
@@ -12,6 +13,7 @@ use libtest_mimic::{Arguments, Trial};
 fn tests() -> Vec<(&'static str, fn())> {
     let mut all: Vec<(&'static str, fn())> = Vec::new();
     all.extend(loadgen::TESTS);
+    all.extend(ctnetlink::TESTS);
     all
 }
 
