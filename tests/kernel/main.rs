@@ -5,6 +5,7 @@
 
 mod act;
 mod kmsg;
+mod ctnetlink;
 mod lab;
 mod loadgen;
 mod rollback;
@@ -18,6 +19,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(loadgen::TESTS);
     all.extend(rollback::TESTS);
     all.extend(kmsg::TESTS);
+    all.extend(ctnetlink::TESTS);
     all
 }
 
