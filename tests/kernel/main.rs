@@ -4,8 +4,8 @@
 //! they are reported as ignored with one line that says why.
 
 mod act;
-mod kmsg;
 mod ctnetlink;
+mod kmsg;
 mod lab;
 mod loadgen;
 mod rollback;
