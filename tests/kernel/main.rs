@@ -5,6 +5,7 @@
 
 mod lab;
 mod loadgen;
+mod status;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -12,6 +13,7 @@ use libtest_mimic::{Arguments, Trial};
 fn tests() -> Vec<(&'static str, fn())> {
     let mut all: Vec<(&'static str, fn())> = Vec::new();
     all.extend(loadgen::TESTS);
+    all.extend(status::TESTS);
     all
 }
 
