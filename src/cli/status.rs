@@ -289,7 +289,6 @@ fn render_json(report: &Report, activity: &Activity, ns: Option<&NamespaceLabel>
 
 fn render_human(report: &Report, activity: &Activity, ns: Option<&NamespaceLabel>) -> String {
     let mut out = String::new();
-    // Writing to a String cannot fail.
     let mut line = |text: String| {
         out.push_str(&text);
         out.push('\n');
@@ -363,6 +362,7 @@ fn render_human(report: &Report, activity: &Activity, ns: Option<&NamespaceLabel
         ];
         let mut row = String::from(" ");
         for (name, value) in counters {
+            // Writing to a String cannot fail.
             let _ = write!(row, " {name} {value}");
         }
         line(row);

@@ -139,6 +139,8 @@ pub fn parse_value(path: &Path, bytes: &[u8]) -> Result<u64, ObserveError> {
 /// The conntrack sysctls of one network namespace, held open for cheap polling.
 #[derive(Debug)]
 pub struct SysctlSource {
+    /// The tree the files were opened from (names knobs it lacks in errors).
+    root: PathBuf,
     count: OpenValue,
     max: OpenValue,
     buckets: Option<OpenValue>,
@@ -161,6 +163,7 @@ impl SysctlSource {
             }
         }
         Ok(SysctlSource {
+            root: root.to_owned(),
             count: OpenValue::open_required(root, Value::Count)?,
             max: OpenValue::open_required(root, Value::Knob(Knob::Max))?,
             buckets: OpenValue::open(root, Value::Knob(Knob::Buckets))?,
@@ -209,17 +212,10 @@ impl SysctlSource {
         match open {
             Some(open) => open.read(),
             None => Err(ObserveError::io(
-                Path::new(DEFAULT_ROOT)
-                    .join(MODERN_DIR)
-                    .join(knob.sysctl_file()),
+                self.root.join(MODERN_DIR).join(knob.sysctl_file()),
                 io::Error::from(io::ErrorKind::NotFound),
             )),
         }
-    }
-
-    /// The timeouts this kernel has.
-    pub fn timeout_knobs(&self) -> impl Iterator<Item = TimeoutKnob> + '_ {
-        self.timeouts.iter().map(|(k, _)| *k)
     }
 }
 

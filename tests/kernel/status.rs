@@ -2,6 +2,7 @@
 
 use crate::lab::{GlobalSysctl, LabNetns, read_global, run};
 use ctguard::observe::stat::StatSource;
+use ctguard::observe::sysctl::SysctlSource;
 use std::process::Command;
 
 pub const TESTS: &[(&str, fn())] = &[
@@ -11,8 +12,8 @@ pub const TESTS: &[(&str, fn())] = &[
     ),
     ("status_human_report_on_the_host", human_report_on_the_host),
     (
-        "stat_source_rereads_its_open_file",
-        stat_source_rereads_its_open_file,
+        "observe_sources_reread_their_open_files",
+        sources_reread_their_open_files,
     ),
 ];
 
@@ -45,17 +46,30 @@ fn human_report_on_the_host() {
     assert!(text.contains("established"), "{text}");
 }
 
-/// The stat file opened once inside a namespace keeps showing that namespace's counters
-/// when re-read with pread: what a polling daemon relies on.
-fn stat_source_rereads_its_open_file() {
+/// Files opened once inside a namespace keep showing that namespace's values when
+/// re-read with pread (sysctl files and the seq_file stat file): what a polling daemon
+/// relies on.
+fn sources_reread_their_open_files() {
     let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
-    let lab = LabNetns::new("stat");
-    let mut source = ctguard::netns::run_in(&lab.path, StatSource::open_current_netns)
-        .unwrap()
-        .unwrap();
-    let before = source.read().unwrap();
-    lab.fill_table(2000);
-    let after = source.read().unwrap();
+    let lab = LabNetns::new("reread");
+    let (sysctl, stat) = ctguard::netns::run_in(&lab.path, || {
+        (
+            SysctlSource::open_default(),
+            StatSource::open_current_netns(),
+        )
+    })
+    .unwrap();
+    let (sysctl, mut stat) = (sysctl.unwrap(), stat.unwrap());
+    let before = stat.read().unwrap();
+    assert_eq!(
+        sysctl.read().unwrap().count,
+        0,
+        "a fresh namespace tracks nothing"
+    );
+    let filled = lab.fill_table(2000);
+    let sample = sysctl.read().unwrap();
+    assert_eq!((sample.count, sample.max), (filled, 4096));
+    let after = stat.read().unwrap();
     assert!(
         after.drop + after.early_drop > before.drop + before.early_drop,
         "before {before:?}, after {after:?}"
