@@ -1,10 +1,28 @@
 //! `ctguard status`: conntrack pressure on this host or in one network namespace, now.
 //!
 //! Reading is done by the `observe` sources; this file only opens them (inside the
-//! namespace when `--netns` is given), gathers one [`Report`] per refresh and formats it,
+//! namespace when `--netns` is given), gathers one report per refresh and formats it,
 //! as text for people or as JSON for scripts. A source that fails does not hide the
 //! others: its error is printed beside what could be read, and the command exits 0 unless
 //! nothing about the table could be read at all.
+//!
+//! JSON (`--json`; one compact object per line with `--watch`):
+//! - `count`, `max`, `buckets` (integers), `ratio` (count/max, 1.0 = full), `load_factor`
+//!   (count/buckets): `null` when unreadable.
+//! - `timeouts`: object, knob name (`established`, `udp_stream`, …) → seconds; knobs the
+//!   kernel lacks are absent.
+//! - `stats`: object of counters summed over CPUs (`drop`, `early_drop`, `insert_failed`,
+//!   `found`, `invalid`, `search_restart`, `clash_resolve`, `icmp_error`, `ignore`,
+//!   `insert`), or `null`.
+//! - `ram_ceiling`: an object (or `null` when /proc/meminfo is unreadable): `classic`
+//!   (entries, RAM/16384/(ARCH/32)), `budget_percent`, `budget_bytes` and `budget_entries`
+//!   (entries that fit in that share of RAM with `entries_per_bucket`, the current
+//!   max/buckets ratio), `entry_bytes` and `entry_bytes_source` (`slabinfo`|`fallback`),
+//!   `mem_total_bytes`, `pointer_bits`, `bytes_at_max` (the table's size at its max).
+//! - `errors`: array of messages, one per source that failed (empty when all read).
+//! - also `time`, `conntrack_present`, `linkage`, `legacy_names`, `netns`
+//!   (`{name, path, inode}` or `null`). Without conntrack the object is only
+//!   `{"conntrack_present": false, "errors": []}`.
 
 use crate::knob::TimeoutKnob;
 use crate::netns;
@@ -349,7 +367,7 @@ fn render_human(report: &Report, activity: &Activity, ns: Option<&NamespaceLabel
     }
 
     if let Some(stats) = &report.stats {
-        line("kernel counters (summed over CPUs, since boot)".to_owned());
+        line("kernel counters (summed over CPUs; they only grow)".to_owned());
         let counters = [
             ("drop", stats.drop),
             ("early_drop", stats.early_drop),
@@ -419,6 +437,9 @@ fn emit(text: &str) -> anyhow::Result<bool> {
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    if args.watch == Some(Duration::ZERO) {
+        anyhow::bail!("--watch needs a duration above zero (e.g. 2s)");
+    }
     let activity = activity::detect_host();
     let ns = match &args.netns {
         Some(name) => {
