@@ -9,6 +9,7 @@ mod kmsg;
 mod lab;
 mod loadgen;
 mod rollback;
+mod status;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -20,6 +21,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(rollback::TESTS);
     all.extend(kmsg::TESTS);
     all.extend(ctnetlink::TESTS);
+    all.extend(status::TESTS);
     all
 }
 
