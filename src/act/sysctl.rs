@@ -8,6 +8,7 @@
 
 use super::{ActError, Actuator, forbids};
 use crate::knob::Knob;
+use crate::observe::sysctl;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -45,28 +46,15 @@ impl SysctlActuator {
         SysctlActuator { roots, netns }
     }
 
-    /// The file that holds `knob` (modern layout, else the pre-2.6.20 one).
+    /// The file that holds `knob` (modern layout, else the pre-2.6.20 one; the modern
+    /// path when neither exists, so errors name what was expected).
     fn path(&self, knob: Knob) -> PathBuf {
-        let modern = self
-            .roots
-            .proc_sys
-            .join("net/netfilter")
-            .join(knob.sysctl_file());
-        if modern.exists() {
-            return modern;
-        }
-        let legacy = match knob {
-            Knob::Max => Some(self.roots.proc_sys.join("net/ipv4/ip_conntrack_max")),
-            Knob::Buckets => Some(
-                self.roots
-                    .proc_sys
-                    .join("net/ipv4/netfilter/ip_conntrack_buckets"),
-            ),
-            Knob::Timeout(t) => t
-                .legacy_sysctl_file()
-                .map(|f| self.roots.proc_sys.join("net/ipv4/netfilter").join(f)),
-        };
-        legacy.filter(|p| p.exists()).unwrap_or(modern)
+        sysctl::locate(&self.roots.proc_sys, knob).unwrap_or_else(|| {
+            self.roots
+                .proc_sys
+                .join("net/netfilter")
+                .join(knob.sysctl_file())
+        })
     }
 
     /// Runs file I/O in the knob's namespace: the target one for per-namespace knobs.
@@ -82,18 +70,15 @@ impl SysctlActuator {
     }
 
     fn read_path(&self, knob: Knob, path: &Path) -> Result<u64, ActError> {
-        let text = self
-            .in_namespace(knob, || read_value(path))
-            .map_err(|e| ActError::Read {
-                knob,
-                path: path.to_path_buf(),
-                detail: e.to_string(),
-            })?;
-        parse_value(&text).ok_or_else(|| ActError::Read {
+        let read_error = |detail: String| ActError::Read {
             knob,
             path: path.to_path_buf(),
-            detail: format!("expected an unsigned integer, found {:?}", text.trim()),
-        })
+            detail,
+        };
+        let bytes = self
+            .in_namespace(knob, || std::fs::read(path))
+            .map_err(|e| read_error(e.to_string()))?;
+        sysctl::parse_value(path, &bytes).map_err(|e| read_error(e.to_string()))
     }
 
     /// Writes `value` to `target` and verifies it by reading `readback` (the same file,
@@ -153,10 +138,6 @@ impl Actuator for SysctlActuator {
     }
 }
 
-fn read_value(path: &Path) -> io::Result<String> {
-    std::fs::read_to_string(path)
-}
-
 /// Writes the decimal value at offset 0 in one write, as sysctl expects.
 fn write_value(path: &Path, value: u64) -> io::Result<()> {
     // O_TRUNC is what sysctl(8) uses too; procfs ignores it, and fixture files need it.
@@ -170,10 +151,6 @@ fn write_value(path: &Path, value: u64) -> io::Result<()> {
         ));
     }
     Ok(())
-}
-
-fn parse_value(text: &str) -> Option<u64> {
-    text.trim().parse().ok()
 }
 
 #[cfg(test)]

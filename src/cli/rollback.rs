@@ -6,7 +6,7 @@ use super::StateDir;
 use crate::act::executor::{Executor, Reverted};
 use crate::act::sysctl::{Roots, SysctlActuator};
 use crate::journal::{EntryId, Journal};
-use anyhow::Context;
+use crate::observe::sysctl;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -82,13 +82,7 @@ pub fn run(args: RollbackArgs) -> anyhow::Result<ExitCode> {
 /// The most entries in use that a restored max must still hold: the protected namespace's
 /// count and ctguard's own.
 fn entries_in_use(netns: Option<&Path>) -> anyhow::Result<u64> {
-    let read = || -> anyhow::Result<u64> {
-        let path = "/proc/sys/net/netfilter/nf_conntrack_count";
-        let text = std::fs::read_to_string(path).with_context(|| path.to_string())?;
-        text.trim()
-            .parse()
-            .with_context(|| format!("{path}: expected an unsigned integer"))
-    };
+    let read = || sysctl::read_count(Path::new(sysctl::DEFAULT_ROOT));
     let own = read()?;
     let target = match netns {
         Some(ns) => crate::netns::run_in(ns, read)??,

@@ -10,6 +10,7 @@
 //! from a built-in one. Nothing here opens a file.
 
 use super::sysctl;
+use crate::knob::Knob;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -44,7 +45,7 @@ pub fn detect_host() -> Activity {
 
 /// Checks a sysctl tree laid out like `/proc/sys` and a tree laid out like `/sys`.
 pub fn detect(sysctl_root: &Path, sys_root: &Path) -> Activity {
-    let max = sysctl::locate_max(sysctl_root);
+    let max = sysctl::locate(sysctl_root, Knob::Max);
     let module_dir = sys_root.join("module/nf_conntrack");
     let linkage = if module_dir.join("initstate").exists() {
         Linkage::Module

@@ -225,17 +225,22 @@ pub fn read_knob(root: &Path, knob: Knob) -> Result<u64, ObserveError> {
     OpenValue::open_required(root, Value::Knob(knob))?.read()
 }
 
-/// Where the `nf_conntrack_max` sysctl (or a legacy name of it) is under `root`, if
-/// anywhere: the table exists exactly when it does. Only looks the paths up; opens nothing.
-pub fn locate_max(root: &Path) -> Option<PathBuf> {
-    Value::Knob(Knob::Max)
+/// Reads the entry count once from the tree at `root`.
+pub fn read_count(root: &Path) -> Result<u64, ObserveError> {
+    OpenValue::open_required(root, Value::Count)?.read()
+}
+
+/// Where `knob`'s sysctl (modern name, else a legacy one) is under `root`, if anywhere.
+/// For `Knob::Max`, the table exists exactly when it does. Only looks paths up; opens nothing.
+pub fn locate(root: &Path, knob: Knob) -> Option<PathBuf> {
+    Value::Knob(knob)
         .candidates()
         .into_iter()
         .map(|relative| root.join(relative))
         .find(|path| path.exists())
 }
 
-/// Whether a path [`locate_max`] returned is a pre-2.6.20 `ip_conntrack_*` name.
+/// Whether a path [`locate`] returned is a pre-2.6.20 `ip_conntrack_*` name.
 pub fn is_legacy_name(path: &Path) -> bool {
     path.file_name() != Some(std::ffi::OsStr::new(Knob::Max.sysctl_file()))
 }
@@ -313,8 +318,8 @@ mod tests {
         assert!(!sample.timeouts.contains_key(&TimeoutKnob::Unacknowledged));
         assert_eq!(sample.timeouts[&TimeoutKnob::Established], 432_000);
         assert_eq!(sample.timeouts[&TimeoutKnob::CloseWait], 60);
-        assert!(locate_max(&root).is_some_and(|p| is_legacy_name(&p)));
-        assert!(locate_max(&fixture_root()).is_some_and(|p| !is_legacy_name(&p)));
+        assert!(locate(&root, Knob::Max).is_some_and(|p| is_legacy_name(&p)));
+        assert!(locate(&fixture_root(), Knob::Max).is_some_and(|p| !is_legacy_name(&p)));
     }
 
     #[test]
