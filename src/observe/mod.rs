@@ -20,6 +20,7 @@ pub mod ctnetlink;
 pub mod kmsg;
 pub mod kmsg_follower;
 pub mod memory;
+pub mod sampler;
 pub mod stat;
 pub mod sysctl;
 
