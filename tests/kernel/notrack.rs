@@ -22,6 +22,10 @@ pub const TESTS: &[(&str, fn())] = &[
         probe_catches_untracked_drop,
     ),
     (
+        "notrack_nft_install_repairs_an_edited_table_keeping_its_ports",
+        install_repairs_edited_table,
+    ),
+    (
         "notrack_iptables_fallback_adds_and_removes_only_its_rules",
         iptables_fallback,
     ),
@@ -227,6 +231,27 @@ fn nft_untracks_then_expires() {
     );
     drop(pair);
     assert_eq!(host_ruleset(), host_before, "the host's ruleset changed");
+}
+
+fn install_repairs_edited_table() {
+    let lab = LabNetns::new("ntfix");
+    let mut nft = NftBackend::new(Some(lab.path.clone()));
+    nft.install().unwrap();
+    nft.add_ports(Proto::Tcp, &[HOT_TCP], Duration::from_secs(60))
+        .unwrap();
+    // Someone edits ctguard's table: one of its rules goes, another appears.
+    run(&mut lab.exec(&["nft", "flush", "chain", "inet", "ctguard", "prerouting"]));
+    run(&mut lab.exec(&["nft", "add", "rule", "inet", "ctguard", "output", "counter"]));
+    let edited = nft.table().unwrap().unwrap();
+    assert!(edited.mismatch.is_some(), "{edited:?}");
+
+    nft.install().unwrap();
+    let repaired = nft.table().unwrap().unwrap();
+    assert_eq!(repaired.mismatch, None);
+    assert_eq!(repaired.ports.len(), 1);
+    let kept = repaired.ports[0];
+    assert_eq!(kept.target.to_string(), "tcp/8080");
+    assert!(kept.expires.unwrap() > Duration::from_secs(50), "{kept:?}");
 }
 
 /// The filter from the brief: drops untracked packets to the port.
