@@ -11,6 +11,10 @@ write an arbitrary path.
 */
 
 pub mod executor;
+pub mod iptables;
+pub mod nft;
+pub mod notrack;
+pub mod probe;
 pub mod recording;
 pub mod sysctl;
 

@@ -8,6 +8,7 @@ mod ctnetlink;
 mod kmsg;
 mod lab;
 mod loadgen;
+mod notrack;
 mod rollback;
 mod status;
 
@@ -22,6 +23,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(kmsg::TESTS);
     all.extend(ctnetlink::TESTS);
     all.extend(status::TESTS);
+    all.extend(notrack::TESTS);
     all
 }
 
