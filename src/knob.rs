@@ -162,7 +162,11 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for k in TimeoutKnob::ALL {
             assert_eq!(TimeoutKnob::from_name(k.name()), Some(k));
-            assert!(seen.insert(k.sysctl_file()), "duplicate file {}", k.sysctl_file());
+            assert!(
+                seen.insert(k.sysctl_file()),
+                "duplicate file {}",
+                k.sysctl_file()
+            );
         }
     }
 
