@@ -289,6 +289,8 @@ struct KnobRecord {
 #[derive(Debug, Clone, Copy)]
 struct NotrackRecord {
     expires_at: Duration,
+    /// Entries the port held when it was untracked: what may come back on untracking.
+    entries: u64,
     dry_run: bool,
 }
 
@@ -441,7 +443,7 @@ impl Engine {
         }
         let mut decisions = Vec::new();
         while let Some(stage) = self.stage_to_roll_back() {
-            let actions = self.revert_actions(stage);
+            let actions = self.revert_actions(stage, true);
             self.forget_stage(stage);
             for (action, reason) in actions {
                 decisions.push(self.decision(stage, action, format!("shutdown: {reason}")));
@@ -560,14 +562,44 @@ impl Engine {
         let Some(sample) = &self.last_sample else {
             return;
         };
-        let original_max = self.original_max(sample);
-        let projected = ratio(sample.count, original_max);
+        let Some(stage) = self.stage_to_roll_back() else {
+            self.recovered_since = None;
+            return;
+        };
+        let projected = self.rollback_projection(stage, sample);
         let calm =
             self.level < self.policy.lowest_trigger().unwrap_or(Level::Warn) && self.last_loss == 0;
         if calm && projected < self.policy.rollback.recover_below {
             self.recovered_since.get_or_insert(now);
         } else {
             self.recovered_since = None;
+        }
+    }
+
+    /// The ratio at worst after the next rollback step of `stage`: against the original
+    /// max for a raise; with the count scaled by the step's largest timeout increase for
+    /// timeouts (entries live at most that much longer); with the untracked ports' entries
+    /// back for NOTRACK.
+    fn rollback_projection(&self, stage: StageKind, sample: &ConntrackSample) -> f64 {
+        match stage {
+            StageKind::RaiseLimits => ratio(sample.count, self.original_max(sample)),
+            StageKind::ShortenTimeouts => {
+                let growth = self
+                    .knobs
+                    .values()
+                    .filter(|r| r.stage == stage && r.current > 0)
+                    .map(|r| r.current.saturating_mul(2).min(r.original) as f64 / r.current as f64)
+                    .fold(1.0, f64::max);
+                ratio(sample.count, self.effective(Knob::Max, sample.max)) * growth
+            }
+            StageKind::NotrackHotPorts => {
+                let back: u64 = self.notracked.values().map(|r| r.entries).sum();
+                ratio(
+                    sample.count.saturating_add(back),
+                    self.effective(Knob::Max, sample.max),
+                )
+            }
+            StageKind::Evict => ratio(sample.count, sample.max),
         }
     }
 
@@ -813,10 +845,17 @@ impl Engine {
             }
             Action::Notrack { ports, expiry } => {
                 for &port in ports {
+                    let entries = self
+                        .hot_ports
+                        .iter()
+                        .filter(|p| p.key() == port)
+                        .map(|p| p.entries)
+                        .sum();
                     self.notracked.insert(
                         port,
                         NotrackRecord {
                             expires_at: now + *expiry,
+                            entries,
                             dry_run,
                         },
                     );
@@ -832,7 +871,12 @@ impl Engine {
         match action {
             Action::Revert(changes) => {
                 for c in changes {
-                    self.knobs.remove(&c.knob);
+                    match self.knobs.get_mut(&c.knob) {
+                        Some(r) if r.original != c.to => r.current = c.to,
+                        _ => {
+                            self.knobs.remove(&c.knob);
+                        }
+                    }
                     if c.knob == Knob::Buckets {
                         self.last_bucket_change = Some(now);
                     }
@@ -861,9 +905,10 @@ impl Engine {
 
     /// The stage with changes in force that was applied most recently.
     fn stage_to_roll_back(&self) -> Option<StageKind> {
+        // On a tie the later stage wins (`max_by_key` keeps the last maximum): reverse
+        // escalation order.
         StageKind::ALL
             .iter()
-            .rev()
             .copied()
             .filter(|&k| self.stage_has_changes(k))
             .max_by_key(|&k| self.stage(k).applied_at)
@@ -879,7 +924,11 @@ impl Engine {
     /// The actions that restore a stage, real changes first (pretended ones wrapped as
     /// dry-run). Knobs someone else changed since are dropped from the journal and left
     /// alone: the operator's value wins over ctguard's memory.
-    fn revert_actions(&mut self, stage: StageKind) -> Vec<(Action, String)> {
+    ///
+    /// Timeouts come back in steps unless `full`: each step at most doubles them (capped
+    /// at the original), because a longer timeout brings entries back and a step of two
+    /// can be judged in advance (`rollback_projection`).
+    fn revert_actions(&mut self, stage: StageKind, full: bool) -> Vec<(Action, String)> {
         let mut untouched = Vec::new();
         let mut groups: [(Vec<Change>, Vec<PortKey>); 2] = Default::default();
         let sample = self.last_sample.clone();
@@ -894,10 +943,14 @@ impl Engine {
                 untouched.push(knob);
                 continue;
             }
+            let to = match knob {
+                Knob::Timeout(_) if !full => r.current.saturating_mul(2).min(r.original),
+                _ => r.original,
+            };
             groups[usize::from(r.dry_run)].0.push(Change {
                 knob,
                 from: r.current,
-                to: r.original,
+                to,
             });
         }
         if stage == StageKind::NotrackHotPorts {
@@ -964,13 +1017,11 @@ impl Engine {
             return None;
         }
         let sample = self.last_sample.clone()?;
-        let (mut action, what) = self.revert_actions(stage).into_iter().next()?;
+        let projected = self.rollback_projection(stage, &sample);
+        let (mut action, what) = self.revert_actions(stage, false).into_iter().next()?;
         action.truncate(room as usize);
         let reason = format!(
-            "count {} / original max {} = {:.2} < {:.2} for {}: {what}",
-            sample.count,
-            self.original_max(&sample),
-            ratio(sample.count, self.original_max(&sample)),
+            "ratio after this step ≤ {projected:.2} < {:.2} for {}: {what}",
             self.policy.rollback.recover_below,
             humantime::format_duration(now.saturating_sub(since)),
         );
