@@ -50,7 +50,9 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
                 std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
             let trace = trace::parse_trace(&text, &name)?;
             (
-                format!("trace {name} (replayed: decisions do not change the recording)"),
+                format!(
+                    "trace {name} (replayed: counts as recorded, knob values follow the decisions)"
+                ),
                 simulate::replay_trace(policy.clone(), &trace, options),
             )
         }

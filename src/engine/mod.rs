@@ -284,6 +284,9 @@ struct KnobRecord {
     original: u64,
     current: u64,
     dry_run: bool,
+    /// A sample has shown `current` since it was set. Only then does a different value
+    /// mean someone else changed the knob (before, the sample may simply predate the write).
+    confirmed: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -370,6 +373,11 @@ impl Engine {
                 self.levels
                     .update(&self.policy.levels, now, sample.ratio(), lost > 0);
                 self.last_loss = lost;
+                for (&knob, r) in self.knobs.iter_mut() {
+                    if !r.dry_run && observed_value(&sample, knob) == Some(r.current) {
+                        r.confirmed = true;
+                    }
+                }
                 self.last_sample = Some(sample);
             }
             Input::Kernel(KernelEvent::TableFull { .. }) => {
@@ -829,15 +837,15 @@ impl Engine {
         match action {
             Action::Apply(changes) => {
                 for c in changes {
-                    self.knobs
-                        .entry(c.knob)
-                        .or_insert(KnobRecord {
-                            stage,
-                            original: c.from,
-                            current: c.from,
-                            dry_run,
-                        })
-                        .current = c.to;
+                    let record = self.knobs.entry(c.knob).or_insert(KnobRecord {
+                        stage,
+                        original: c.from,
+                        current: c.from,
+                        dry_run,
+                        confirmed: false,
+                    });
+                    record.current = c.to;
+                    record.confirmed = false;
                     if c.knob == Knob::Buckets {
                         self.last_bucket_change = Some(now);
                     }
@@ -872,7 +880,10 @@ impl Engine {
             Action::Revert(changes) => {
                 for c in changes {
                     match self.knobs.get_mut(&c.knob) {
-                        Some(r) if r.original != c.to => r.current = c.to,
+                        Some(r) if r.original != c.to => {
+                            r.current = c.to;
+                            r.confirmed = false;
+                        }
                         _ => {
                             self.knobs.remove(&c.knob);
                         }
@@ -933,13 +944,8 @@ impl Engine {
         let mut groups: [(Vec<Change>, Vec<PortKey>); 2] = Default::default();
         let sample = self.last_sample.clone();
         for (&knob, r) in self.knobs.iter().rev().filter(|(_, r)| r.stage == stage) {
-            let observed = sample.as_ref().and_then(|s| match knob {
-                Knob::Max => Some(s.max),
-                // The kernel rounds hash sizes up to whole pages: no exact comparison.
-                Knob::Buckets => None,
-                Knob::Timeout(t) => s.timeouts.get(&t).copied(),
-            });
-            if !r.dry_run && observed.is_some_and(|v| v != r.current) {
+            let observed = sample.as_ref().and_then(|s| observed_value(s, knob));
+            if r.confirmed && observed.is_some_and(|v| v != r.current) {
                 untouched.push(knob);
                 continue;
             }
@@ -1026,6 +1032,16 @@ impl Engine {
             humantime::format_duration(now.saturating_sub(since)),
         );
         Some(self.emit(now, stage, action, reason, true))
+    }
+}
+
+/// A knob's value in a sample, where it can be compared exactly.
+fn observed_value(sample: &ConntrackSample, knob: Knob) -> Option<u64> {
+    match knob {
+        Knob::Max => Some(sample.max),
+        // The kernel rounds hash sizes up to whole pages: no exact comparison.
+        Knob::Buckets => None,
+        Knob::Timeout(t) => sample.timeouts.get(&t).copied(),
     }
 }
 

@@ -19,9 +19,12 @@ pub use scenario::Scenario;
 pub use world::World;
 
 use crate::engine::{Action, Decision, DecisionId, Engine, IncidentId, Input, Outcome};
+use crate::knob::Knob;
+use crate::observe::ConntrackSample;
 use crate::observe::memory::HostMemory;
 use crate::policy::{Level, Policy, StageKind};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 use trace::{Trace, TraceBody};
@@ -291,40 +294,74 @@ pub fn run_scenario(policy: Policy, scenario: Scenario, options: SimOptions) -> 
     rec.handle(t, decisions, &mut |a| world.carry_out(a));
     rec.timeline
 }
+/// The knob values a replay lays over recorded samples: the recording cannot react to
+/// decisions, but the settings it reports would have followed them.
+struct ReplayKnobs {
+    overlay: BTreeMap<Knob, u64>,
+    non_initial_netns: bool,
+}
 
-/// Replays a recorded trace. Decisions cannot change a recording: each is answered
-/// `Applied` (or `NotPermitted` for global knobs with `non_initial_netns`).
+impl ReplayKnobs {
+    fn carry_out(&mut self, action: &Action) -> Outcome {
+        match action {
+            Action::Apply(changes) | Action::Revert(changes) => {
+                if self.non_initial_netns && changes.iter().any(|c| c.knob.is_global()) {
+                    return Outcome::NotPermitted(
+                        "EACCES: global knob outside the initial network namespace".into(),
+                    );
+                }
+                self.overlay.extend(changes.iter().map(|c| (c.knob, c.to)));
+                Outcome::Applied
+            }
+            _ => Outcome::Applied,
+        }
+    }
+
+    fn apply_to(&self, recorded: &ConntrackSample) -> ConntrackSample {
+        let mut s = recorded.clone();
+        for (&knob, &value) in &self.overlay {
+            match knob {
+                Knob::Max => s.max = value,
+                Knob::Buckets => s.buckets = Some(value),
+                Knob::Timeout(t) => {
+                    s.timeouts.insert(t, value);
+                }
+            }
+        }
+        s
+    }
+}
+
+/// Replays a recorded trace. The recorded counts cannot react to decisions, but the knob
+/// values do: every applied change is laid over the later samples (max, buckets,
+/// timeouts), as the kernel would report them. Decisions are answered `Applied`, or
+/// `NotPermitted` for global knobs with `non_initial_netns`.
 pub fn replay_trace(policy: Policy, trace: &Trace, options: SimOptions) -> Timeline {
     let host = trace.host.unwrap_or_else(trace::default_host);
     let mut rec = Recorder::new(policy, host);
-    let mut carry_out = |a: &Action| match a {
-        Action::Apply(c) | Action::Revert(c)
-            if options.non_initial_netns && c.iter().any(|c| c.knob.is_global()) =>
-        {
-            Outcome::NotPermitted(
-                "EACCES: global knob outside the initial network namespace".into(),
-            )
-        }
-        _ => Outcome::Applied,
+    let mut knobs = ReplayKnobs {
+        overlay: BTreeMap::new(),
+        non_initial_netns: options.non_initial_netns,
     };
     let mut end = Duration::ZERO;
     for record in &trace.records {
         end = record.t;
         let input = match &record.body {
-            TraceBody::Sample(s) => {
+            TraceBody::Sample(recorded) => {
+                let s = knobs.apply_to(recorded);
                 rec.count = s.count;
                 rec.max = s.max;
-                Input::Sample(s.clone())
+                Input::Sample(s)
             }
             TraceBody::Event(e) => Input::Kernel(e.clone()),
             TraceBody::HotPorts(p) => Input::HotPorts(p.clone()),
             TraceBody::Host(_) => continue,
         };
         let decisions = rec.engine.observe(record.t, input);
-        rec.handle(record.t, decisions, &mut carry_out);
+        rec.handle(record.t, decisions, &mut |a| knobs.carry_out(a));
     }
     let decisions = rec.engine.shutdown(end);
-    rec.handle(end, decisions, &mut carry_out);
+    rec.handle(end, decisions, &mut |a| knobs.carry_out(a));
     rec.timeline
 }
 

@@ -27,6 +27,13 @@ pub struct Load {
     pub ports: Vec<(PortKey, f64)>,
 }
 
+impl Load {
+    /// The same mix with a different size.
+    pub fn with_entries(self, entries: f64) -> Load {
+        Load { entries, ..self }
+    }
+}
+
 /// The simulated table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct World {
