@@ -1,9 +1,139 @@
-//! `ctguard check`.
+//! `ctguard check [FILE…]`: validate policies and show what they mean on this host.
+//!
+//! Each file is parsed and validated; an invalid one prints `file:line:col: expected …`
+//! on stderr and makes the exit status 1. A valid one prints the effective policy and the
+//! values it implies here: the RAM budget, the table ceiling, and what `raise_limits`
+//! would set if it fired now.
+
+use crate::engine::plan_raise;
+use crate::observe::memory::{EntrySizeSource, FALLBACK_ENTRY_BYTES, HostMemory};
+use crate::policy::{Mode, Policy};
+use anyhow::Context;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
-pub struct CheckArgs {}
+pub struct CheckArgs {
+    /// Policy files to validate; none: the embedded default policy.
+    pub files: Vec<PathBuf>,
+}
 
-pub fn run(_args: CheckArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`ctguard check` is not built yet")
+pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let host = read_host_memory();
+    let table = read_table();
+    let mut all_valid = true;
+    if args.files.is_empty() {
+        report(&Policy::embedded_default(), host.as_ref(), table);
+    }
+    for path in &args.files {
+        match load(path) {
+            Ok(policy) => report(&policy, host.as_ref(), table),
+            Err(err) => {
+                eprintln!("{err:#}");
+                all_valid = false;
+            }
+        }
+    }
+    Ok(if all_valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn load(path: &Path) -> anyhow::Result<Policy> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
+    Ok(Policy::from_toml(&text, &name)?)
+}
+
+fn report(policy: &Policy, host: Option<&HostMemory>, table: Option<TableNow>) {
+    println!("{}: valid", policy.source);
+    for line in policy.to_string().lines() {
+        println!("  {line}");
+    }
+    let Some(host) = host else {
+        println!("  on this host: MemTotal unreadable; RAM ceiling unknown");
+        println!();
+        return;
+    };
+    let raise = &policy.stages.raise_limits;
+    let ceiling = raise.ceiling(host);
+    println!(
+        "  on this host: MemTotal {} bytes, {} bytes per entry ({:?}); classic ceiling {}",
+        host.mem_total_bytes,
+        host.entry_bytes,
+        host.entry_bytes_source,
+        host.classic_ceiling()
+    );
+    println!(
+        "  RAM budget {} bytes → {} entries; raise_limits never sets max above {}",
+        ceiling.budget_bytes, ceiling.ram_entries, ceiling.max
+    );
+    match table {
+        Some(t) => {
+            let plan = plan_raise(raise, host, t.count, t.max, t.buckets, true);
+            let carried_out = match policy.mode {
+                Mode::Enforce => "",
+                Mode::DryRun => " (dry-run: reported only)",
+                Mode::Observe => " (observe: never planned)",
+            };
+            println!(
+                "  table now: count {} / max {} (ratio {:.2}); raise_limits now: {}{carried_out}",
+                t.count,
+                t.max,
+                if t.max == 0 {
+                    0.0
+                } else {
+                    t.count as f64 / t.max as f64
+                },
+                plan.describe()
+            );
+        }
+        None => println!("  table now: unreadable (is connection tracking active?)"),
+    }
+    println!();
+}
+
+/// MemTotal from `/proc/meminfo`, with the fallback entry size. A stand-in until the
+/// observe layer's `HostMemory` reader (slabinfo entry size) is wired in here.
+fn read_host_memory() -> Option<HostMemory> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(HostMemory {
+        mem_total_bytes: kib * 1024,
+        entry_bytes: FALLBACK_ENTRY_BYTES,
+        entry_bytes_source: EntrySizeSource::Fallback,
+        pointer_bits: usize::BITS,
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TableNow {
+    count: u64,
+    max: u64,
+    buckets: Option<u64>,
+}
+
+/// The table's count, max and buckets, read directly for now (see `read_host_memory`).
+fn read_table() -> Option<TableNow> {
+    let read = |file: &str| -> Option<u64> {
+        std::fs::read_to_string(Path::new("/proc/sys/net/netfilter").join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(TableNow {
+        count: read("nf_conntrack_count")?,
+        max: read(crate::knob::Knob::Max.sysctl_file())?,
+        buckets: read(crate::knob::Knob::Buckets.sysctl_file()),
+    })
 }

@@ -1,9 +1,73 @@
-//! `ctguard simulate`.
+//! `ctguard simulate`: the decision engine on a virtual clock, against a built-in scenario
+//! or a recorded trace, printing the timeline of levels, incidents and decisions.
+
+use crate::policy::Policy;
+use crate::simulate::{self, Scenario, SimOptions, trace};
+use anyhow::Context;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
-pub struct SimulateArgs {}
+pub struct SimulateArgs {
+    /// Policy file; default: the embedded default policy.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// A recorded trace (JSON lines, see docs/trace-format.md).
+    #[arg(
+        long,
+        conflicts_with = "scenario",
+        required_unless_present = "scenario"
+    )]
+    pub trace: Option<PathBuf>,
+    /// A built-in synthetic scenario.
+    #[arg(long, value_enum)]
+    pub scenario: Option<Scenario>,
+    /// Simulate a non-initial network namespace: max and buckets are refused (EACCES).
+    #[arg(long)]
+    pub non_initial_netns: bool,
+    /// Print the timeline as JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: SimulateArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`ctguard simulate` is not built yet")
+pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
+    let policy = match &args.policy {
+        Some(path) => {
+            let name = path.display().to_string();
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
+            Policy::from_toml(&text, &name)?
+        }
+        None => Policy::embedded_default(),
+    };
+    let options = SimOptions {
+        non_initial_netns: args.non_initial_netns,
+    };
+    let (title, timeline) = match (&args.trace, args.scenario) {
+        (Some(path), _) => {
+            let name = path.display().to_string();
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
+            let trace = trace::parse_trace(&text, &name)?;
+            (
+                format!(
+                    "trace {name} (replayed: counts as recorded, knob values follow the decisions)"
+                ),
+                simulate::replay_trace(policy.clone(), &trace, options),
+            )
+        }
+        (None, Some(scenario)) => (
+            format!("scenario {}", scenario.name()),
+            simulate::run_scenario(policy.clone(), scenario, options),
+        ),
+        (None, None) => anyhow::bail!("give --trace FILE or --scenario NAME"),
+    };
+    if args.json {
+        print!("{}", timeline.to_json_lines());
+    } else {
+        println!("{title}, policy {}", policy.source);
+        print!("{}", timeline.render());
+        println!("{}", simulate::summary(&policy, &timeline));
+    }
+    Ok(ExitCode::SUCCESS)
 }

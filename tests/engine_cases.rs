@@ -1,0 +1,74 @@
+//! Engine behaviours that need a specific sequence: an operator's own change wins over
+//! rollback, and a failed change is retried only after its cooldown plus back-off.
+
+use ctguard::engine::{Action, Engine, Input, Outcome};
+use ctguard::knob::Knob;
+use ctguard::observe::ConntrackSample;
+use ctguard::policy::Policy;
+use ctguard::simulate::trace::default_host;
+use std::time::Duration;
+
+fn sample(count: u64, max: u64) -> Input {
+    Input::Sample(ConntrackSample {
+        count,
+        max,
+        ..Default::default()
+    })
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// Default policy: act at 0.85 sustained 10s; raise cooldown 30s; back-off base 5m.
+fn engine() -> Engine {
+    Engine::new(Policy::embedded_default(), default_host())
+}
+
+#[test]
+fn a_max_the_operator_changed_is_left_as_set() {
+    let mut e = engine();
+    assert!(e.observe(secs(0), sample(230_000, 262_144)).is_empty());
+    let d = e.observe(secs(10), sample(230_000, 262_144));
+    assert!(
+        matches!(&d[0].action, Action::Apply(c) if c[0].knob == Knob::Max),
+        "{d:?}"
+    );
+    let raised = match &d[0].action {
+        Action::Apply(c) => c[0].to,
+        _ => unreachable!(),
+    };
+    assert!(e.outcome(secs(10), d[0].id, Outcome::Applied).is_empty());
+    // The kernel shows ctguard's value, then an operator sets their own.
+    assert!(e.observe(secs(11), sample(230_000, raised)).is_empty());
+    let mut decisions = Vec::new();
+    for t in (12..2000).step_by(5) {
+        decisions.extend(e.observe(secs(t), sample(1_000, 1_000_000)));
+    }
+    assert!(
+        decisions.is_empty(),
+        "reverted an operator's max: {decisions:?}"
+    );
+    assert!(e.state().applied.is_empty());
+    assert!(e.state().incident.is_none());
+}
+
+#[test]
+fn a_failed_change_waits_for_cooldown_plus_backoff() {
+    let mut e = engine();
+    e.observe(secs(0), sample(230_000, 262_144));
+    let d = e.observe(secs(10), sample(230_000, 262_144));
+    assert_eq!(d.len(), 1);
+    assert!(
+        e.outcome(secs(10), d[0].id, Outcome::Failed("EIO".into()))
+            .is_empty()
+    );
+    // Cooldown 30s + back-off 5m: nothing before 5m40s (the level stays at act).
+    for t in 11..340 {
+        let d = e.observe(secs(t), sample(230_000, 262_144));
+        assert!(d.is_empty(), "retried at {t}s: {d:?}");
+    }
+    let retry = e.observe(secs(340), sample(230_000, 262_144));
+    assert_eq!(retry.len(), 1, "no retry after the back-off");
+    assert_eq!(retry[0].stage, d[0].stage);
+}
