@@ -40,6 +40,10 @@ pub enum EntryState {
     Failed,
     /// The original value was restored.
     Reverted,
+    /// A later entry for the same knob took over (it carries this entry's original).
+    Superseded,
+    /// Someone else set the knob to another value; ctguard leaves it to them.
+    Abandoned,
 }
 
 /// One change to one knob.
@@ -62,9 +66,26 @@ pub struct JournalEntry {
     /// When the entry was recorded, seconds since the Unix epoch.
     pub recorded_at: u64,
     pub state: EntryState,
+    /// During a stepwise revert (timeouts come back in steps): the value before the step
+    /// being made, so a crash mid-step is recognised as ctguard's own value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stepping_from: Option<u64>,
     /// Why it failed, or a note from reconciliation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+}
+
+impl EntryState {
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryState::Intended => "intended",
+            EntryState::Applied => "applied",
+            EntryState::Failed => "failed",
+            EntryState::Reverted => "reverted",
+            EntryState::Superseded => "superseded",
+            EntryState::Abandoned => "abandoned",
+        }
+    }
 }
 
 impl JournalEntry {
@@ -88,7 +109,7 @@ pub enum LiveState {
 
 impl LiveState {
     pub fn of(entry: &JournalEntry, live: u64) -> LiveState {
-        if live == entry.new {
+        if live == entry.new || entry.stepping_from == Some(live) {
             LiveState::InForce
         } else if live == entry.original {
             LiveState::Original
@@ -139,6 +160,9 @@ pub struct Intent {
     pub stage: String,
     pub incident: u64,
     pub netns: Option<PathBuf>,
+    /// An entry for the same knob that this change takes over from (it is marked
+    /// [`EntryState::Superseded`] in the same write).
+    pub supersedes: Option<EntryId>,
 }
 
 impl Journal {
@@ -197,6 +221,13 @@ impl Journal {
         let id = self.next_id;
         let mut next = self.snapshot();
         next.next_id = id + 1;
+        if let Some(old) = intent.supersedes {
+            next.entries
+                .iter_mut()
+                .find(|e| e.id == old)
+                .ok_or(JournalError::NoSuchEntry(old))?
+                .state = EntryState::Superseded;
+        }
         next.entries.push(JournalEntry {
             id,
             knob: intent.knob,
@@ -207,6 +238,7 @@ impl Journal {
             netns: intent.netns,
             recorded_at: now_unix,
             state: EntryState::Intended,
+            stepping_from: None,
             note: None,
         });
         self.commit(next)?;
@@ -220,17 +252,56 @@ impl Journal {
         state: EntryState,
         note: Option<String>,
     ) -> Result<(), JournalError> {
+        self.update(id, |entry| {
+            entry.state = state;
+            if note.is_some() {
+                entry.note = note;
+            }
+        })
+    }
+
+    /// Records, before it is made, a step of a stepwise revert: the knob goes from the
+    /// entry's current `new` to `to` (between `new` and the original).
+    pub fn begin_step(&mut self, id: EntryId, to: u64) -> Result<(), JournalError> {
+        self.update(id, |entry| {
+            entry.stepping_from = Some(entry.new);
+            entry.new = to;
+        })
+    }
+
+    /// Settles a step: `landed` when the host now holds the step's value, else the value
+    /// before the step is put back as the entry's `new`.
+    pub fn end_step(&mut self, id: EntryId, landed: bool) -> Result<(), JournalError> {
+        self.update(id, |entry| {
+            if let Some(before) = entry.stepping_from.take()
+                && !landed
+            {
+                entry.new = before;
+            }
+        })
+    }
+
+    fn update(
+        &mut self,
+        id: EntryId,
+        change: impl FnOnce(&mut JournalEntry),
+    ) -> Result<(), JournalError> {
         let mut next = self.snapshot();
         let entry = next
             .entries
             .iter_mut()
             .find(|e| e.id == id)
             .ok_or(JournalError::NoSuchEntry(id))?;
-        entry.state = state;
-        if note.is_some() {
-            entry.note = note;
-        }
+        change(entry);
         self.commit(next)
+    }
+
+    /// The entry that may still hold `knob` changed in namespace `netns`, if any.
+    pub fn in_force_for(&self, knob: Knob, netns: Option<&Path>) -> Option<&JournalEntry> {
+        self.entries
+            .iter()
+            .rev()
+            .find(|e| e.knob == knob && e.netns.as_deref() == netns && e.may_be_in_force())
     }
 
     fn snapshot(&self) -> OnDisk {
@@ -309,6 +380,7 @@ mod tests {
             stage: "raise_limits".into(),
             incident: 7,
             netns: None,
+            supersedes: None,
         }
     }
 
@@ -379,6 +451,29 @@ mod tests {
         assert_eq!(LiveState::of(e, 200), LiveState::InForce);
         assert_eq!(LiveState::of(e, 100), LiveState::Original);
         assert_eq!(LiveState::of(e, 150), LiveState::Drifted { live: 150 });
+    }
+
+    #[test]
+    fn an_interrupted_step_is_still_ctguards_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let est = Knob::Timeout(TimeoutKnob::Established);
+        let id = j.record(intent(est, 3600, 600), 0).unwrap();
+        j.begin_step(id, 1200).unwrap();
+        let e = Journal::open(dir.path())
+            .unwrap()
+            .entry(id)
+            .cloned()
+            .unwrap();
+        assert_eq!(LiveState::of(&e, 600), LiveState::InForce);
+        assert_eq!(LiveState::of(&e, 1200), LiveState::InForce);
+        j.end_step(id, false).unwrap();
+        assert_eq!(j.entry(id).unwrap().new, 600);
+        j.begin_step(id, 1200).unwrap();
+        j.end_step(id, true).unwrap();
+        assert_eq!(j.entry(id).unwrap().new, 1200);
+        assert_eq!(j.entry(id).unwrap().stepping_from, None);
+        assert_eq!(j.in_force_for(est, None).unwrap().id, id);
     }
 
     #[test]

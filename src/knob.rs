@@ -137,6 +137,21 @@ impl Knob {
         matches!(self, Knob::Max | Knob::Buckets)
     }
 
+    /// The value the kernel will hold after `requested` is written: the hash table is
+    /// allocated in whole pages, so bucket counts round up to a multiple of
+    /// `page_size / pointer size` (512 with 4 KiB pages on 64-bit); the rest are exact.
+    pub fn kernel_value(self, requested: u64) -> u64 {
+        match self {
+            Knob::Buckets => {
+                // SAFETY: sysconf has no preconditions.
+                let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+                let per_page = u64::try_from(page).unwrap_or(4096) / (usize::BITS as u64 / 8);
+                requested.div_ceil(per_page.max(1)) * per_page.max(1)
+            }
+            _ => requested,
+        }
+    }
+
     /// The file name under `/proc/sys/net/netfilter/`.
     pub fn sysctl_file(self) -> &'static str {
         match self {
@@ -168,6 +183,15 @@ mod tests {
                 k.sysctl_file()
             );
         }
+    }
+
+    #[test]
+    fn bucket_counts_round_up_to_whole_pages() {
+        let granule = Knob::Buckets.kernel_value(1);
+        assert!(granule >= 1 && granule.is_power_of_two(), "{granule}");
+        assert_eq!(Knob::Buckets.kernel_value(granule * 3), granule * 3);
+        assert_eq!(Knob::Buckets.kernel_value(granule * 3 + 1), granule * 4);
+        assert_eq!(Knob::Max.kernel_value(12345), 12345);
     }
 
     #[test]

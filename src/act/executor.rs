@@ -54,6 +54,8 @@ impl ExecError {
 pub enum Reverted {
     /// The original value was written back.
     Restored { entry: EntryId, knob: Knob, to: u64 },
+    /// Part of the way back (a step of a stepwise revert).
+    Stepped { entry: EntryId, knob: Knob, to: u64 },
     /// The host already had the original value (the change never landed, or was undone).
     AlreadyOriginal { entry: EntryId, knob: Knob },
     /// Someone else changed the value since; it was left alone.
@@ -107,27 +109,40 @@ impl<A: Actuator> Executor<A> {
 
     /// Makes one change: re-read, check, journal, write, verify, mark. `in_use` is the
     /// table's current entry count (for the max floor).
+    ///
+    /// A knob ctguard already changed (and someone may have reset since) keeps its first
+    /// original: the new entry takes over the old one, so rollback restores the value from
+    /// before ctguard ever touched it.
     pub fn apply(&mut self, req: &ChangeRequest, in_use: u64) -> Result<EntryId, ExecError> {
-        let live = self.actuator.read(req.knob)?;
-        if live != req.expected {
+        let knob = req.knob;
+        let to = knob.kernel_value(req.to);
+        let live = self.actuator.read(knob)?;
+        if live != req.expected && live != knob.kernel_value(req.expected) {
             return Err(ExecError::Stale {
-                knob: req.knob,
+                knob,
                 expected: req.expected,
                 live,
             });
         }
-        check_safe(req.knob, live, req.to, in_use)?;
+        check_safe(knob, live, to, in_use)?;
+        let earlier = self.journal.in_force_for(knob, self.netns.as_deref());
+        let (original, supersedes) = match earlier {
+            Some(e) => (e.original, Some(e.id)),
+            None => (live, None),
+        };
         let id = self.journal.record(
             Intent {
-                knob: req.knob,
-                original: live,
-                new: req.to,
+                knob,
+                original,
+                new: to,
                 stage: req.stage.clone(),
                 incident: req.incident,
                 netns: self.netns.clone(),
+                supersedes,
             },
             (self.now_unix)(),
         )?;
+        let req = &ChangeRequest { to, ..req.clone() };
         match self.actuator.write(req.knob, req.to) {
             Ok(()) => {
                 self.journal.mark(id, EntryState::Applied, None)?;
@@ -148,6 +163,48 @@ impl<A: Actuator> Executor<A> {
                 Err(e.into())
             }
         }
+    }
+
+    /// Moves a journaled change part of the way back (timeouts return in steps): from the
+    /// entry's value to `to`, journaled first like every change. A step to the original
+    /// is a full [`Executor::revert`].
+    pub fn step_back(&mut self, id: EntryId, to: u64, in_use: u64) -> Result<Reverted, ExecError> {
+        let entry = self
+            .journal
+            .entry(id)
+            .cloned()
+            .ok_or(JournalError::NoSuchEntry(id))?;
+        if to == entry.original {
+            return self.revert(id, in_use);
+        }
+        let live = self.actuator.read(entry.knob)?;
+        if let LiveState::Drifted { live } = LiveState::of(&entry, live) {
+            return Ok(Reverted::LeftDrifted {
+                entry: id,
+                knob: entry.knob,
+                live,
+            });
+        }
+        self.journal.begin_step(id, to)?;
+        let written = self.actuator.write(entry.knob, to);
+        let landed = match &written {
+            Ok(()) => true,
+            Err(_) => self.actuator.read(entry.knob).is_ok_and(|v| v == to),
+        };
+        self.journal.end_step(id, landed)?;
+        written?;
+        Ok(Reverted::Stepped {
+            entry: id,
+            knob: entry.knob,
+            to,
+        })
+    }
+
+    /// Marks a change that someone else overrode as theirs: ctguard will not touch the
+    /// knob again for it.
+    pub fn abandon(&mut self, id: EntryId, live: u64) -> Result<(), ExecError> {
+        let note = format!("set to {live} by someone else; left as they set it");
+        Ok(self.journal.mark(id, EntryState::Abandoned, Some(note))?)
     }
 
     /// Undoes one journaled change if it is still in force; leaves drifted values alone.
@@ -269,7 +326,7 @@ mod tests {
         let nf = dir.path().join("proc/net/netfilter");
         std::fs::create_dir_all(&nf).unwrap();
         std::fs::write(nf.join("nf_conntrack_max"), "1000\n").unwrap();
-        std::fs::write(nf.join("nf_conntrack_buckets"), "250\n").unwrap();
+        std::fs::write(nf.join("nf_conntrack_buckets"), "1024\n").unwrap();
         std::fs::write(nf.join(EST.sysctl_file()), "432000\n").unwrap();
         let state = dir.path().join("state");
         let act = SysctlActuator::new(
@@ -333,7 +390,7 @@ mod tests {
         let (_f, mut exec) = fixture();
         let below_use = exec.apply(&req(Knob::Max, 1000, 1500), 2000).unwrap_err();
         assert!(matches!(below_use, ExecError::Unsafe { .. }), "{below_use}");
-        let shrink = exec.apply(&req(Knob::Buckets, 250, 100), 0).unwrap_err();
+        let shrink = exec.apply(&req(Knob::Buckets, 1024, 512), 0).unwrap_err();
         assert!(matches!(shrink, ExecError::Unsafe { .. }), "{shrink}");
         let stale = exec.apply(&req(Knob::Max, 999, 5000), 0).unwrap_err();
         assert!(
@@ -388,6 +445,7 @@ mod tests {
                     stage: "shorten_timeouts".into(),
                     incident: 1,
                     netns: None,
+                    supersedes: None,
                 },
                 0,
             )
@@ -401,6 +459,7 @@ mod tests {
                     stage: "raise_limits".into(),
                     incident: 1,
                     netns: None,
+                    supersedes: None,
                 },
                 0,
             )
@@ -417,6 +476,38 @@ mod tests {
             exec.journal().entry(landed).unwrap().state,
             EntryState::Applied
         );
+    }
+
+    #[test]
+    fn a_reapply_after_drift_keeps_the_first_original() {
+        let (f, mut exec) = fixture();
+        let first = exec.apply(&req(Knob::Max, 1000, 4000), 0).unwrap();
+        // Someone resets max by hand; the engine raises again from the live value.
+        std::fs::write(f.nf.join("nf_conntrack_max"), "1000\n").unwrap();
+        let second = exec.apply(&req(Knob::Max, 1000, 6000), 0).unwrap();
+        assert_eq!(
+            exec.journal().entry(first).unwrap().state,
+            EntryState::Superseded
+        );
+        assert_eq!(exec.journal().entry(second).unwrap().original, 1000);
+        exec.revert(second, 0).unwrap();
+        assert_eq!(live(&f, Knob::Max), 1000);
+    }
+
+    #[test]
+    fn stepwise_revert_ends_at_the_original() {
+        let (f, mut exec) = fixture();
+        let id = exec.apply(&req(EST, 432000, 600), 0).unwrap();
+        assert!(matches!(
+            exec.step_back(id, 1200, 0).unwrap(),
+            Reverted::Stepped { to: 1200, .. }
+        ));
+        assert_eq!(live(&f, EST), 1200);
+        assert!(matches!(
+            exec.step_back(id, 432000, 0).unwrap(),
+            Reverted::Restored { .. }
+        ));
+        assert_eq!(live(&f, EST), 432000);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `ctguard journal`: what ctguard changed on this host, and what is still in force.
 
 use super::StateDir;
-use crate::journal::{EntryState, Journal};
+use crate::journal::Journal;
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
@@ -39,12 +39,7 @@ pub fn run(args: JournalArgs) -> anyhow::Result<ExitCode> {
         let recorded = humantime::format_rfc3339_seconds(
             std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.recorded_at),
         );
-        let state = match e.state {
-            EntryState::Intended => "intended",
-            EntryState::Applied => "applied",
-            EntryState::Failed => "failed",
-            EntryState::Reverted => "reverted",
-        };
+        let state = e.state.name();
         println!(
             "{:>5}  {:<11} {:<16} {:>9}  {:<48} {:>10} → {:<10} {}",
             e.id,

@@ -51,6 +51,10 @@ pub fn run(args: RollbackArgs) -> anyhow::Result<ExitCode> {
                 Ok(Reverted::Restored { entry, knob, to }) => {
                     println!("#{entry}: {knob} restored to {to}")
                 }
+                Ok(Reverted::Stepped { entry, knob, to }) => {
+                    complete = false;
+                    println!("#{entry}: {knob} only stepped back to {to}")
+                }
                 Ok(Reverted::AlreadyOriginal { entry, knob }) => {
                     println!("#{entry}: {knob} already at its original value")
                 }
