@@ -8,6 +8,7 @@ thin layers around that same engine.
 
 pub mod act;
 pub mod cli;
+pub mod daemon;
 pub mod engine;
 pub mod journal;
 pub mod knob;
@@ -15,4 +16,5 @@ pub mod loadgen;
 pub mod netns;
 pub mod observe;
 pub mod policy;
+pub mod policy_watch;
 pub mod simulate;

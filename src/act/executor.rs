@@ -103,6 +103,21 @@ impl<A: Actuator> Executor<A> {
         &self.journal
     }
 
+    /// The namespace this executor protects.
+    pub fn netns(&self) -> Option<&std::path::Path> {
+        self.netns.as_deref()
+    }
+
+    /// Records a state reached outside `apply`/`revert` (e.g. settled at start).
+    pub fn journal_mark(
+        &mut self,
+        id: EntryId,
+        state: EntryState,
+        note: &str,
+    ) -> Result<(), ExecError> {
+        Ok(self.journal.mark(id, state, Some(note.to_string()))?)
+    }
+
     pub fn actuator(&mut self) -> &mut A {
         &mut self.actuator
     }

@@ -9,6 +9,7 @@ pub mod check;
 pub mod journal;
 pub mod record;
 pub mod rollback;
+pub mod run;
 pub mod simulate;
 pub mod status;
 
@@ -34,6 +35,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the guard: watch conntrack pressure and respond per policy.
+    Run(run::RunArgs),
     /// Show conntrack pressure on this host (or in a namespace) now.
     Status(status::StatusArgs),
     /// Validate policy files and show the effective values for this host.
@@ -60,6 +63,7 @@ pub struct StateDir {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_logging(cli.log_format);
     match cli.command {
+        Command::Run(args) => run::run(args),
         Command::Status(args) => status::run(args),
         Command::Check(args) => check::run(args),
         Command::Simulate(args) => simulate::run(args),
@@ -74,6 +78,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // A second init (tests calling `run` twice) is harmless: keep the first subscriber.
     let _ = match format {

@@ -393,6 +393,37 @@ impl Engine {
         self.step(now)
     }
 
+    /// Takes over a change a previous run made (found in the journal after a restart): it
+    /// is rolled back like the engine's own once pressure has gone. Opens an incident to
+    /// hold it if none is open.
+    pub fn adopt(
+        &mut self,
+        now: Duration,
+        stage: StageKind,
+        knob: Knob,
+        original: u64,
+        current: u64,
+    ) {
+        self.knobs.insert(
+            knob,
+            KnobRecord {
+                stage,
+                original,
+                current,
+                dry_run: false,
+                confirmed: false,
+            },
+        );
+        self.stage_mut(stage).applied_at = Some(now);
+        if self.incident.is_none() {
+            self.incident = Some(IncidentInfo {
+                id: IncidentId(self.next_incident),
+                opened_at: now,
+            });
+            self.next_incident += 1;
+        }
+    }
+
     /// Reports what happened to a decision. Unknown ids are ignored.
     pub fn outcome(&mut self, now: Duration, id: DecisionId, outcome: Outcome) -> Vec<Decision> {
         let Some(pending) = self.pending.remove(&id) else {
@@ -628,7 +659,10 @@ impl Engine {
         format!(
             "ratio {ratio:.2} ≥ {} {at:.2} for {}",
             self.level.name(),
-            humantime::format_duration(self.levels.held(self.level, now))
+            // Whole seconds: sub-second precision is noise in a reason line.
+            humantime::format_duration(Duration::from_secs(
+                self.levels.held(self.level, now).as_secs()
+            ))
         )
     }
 

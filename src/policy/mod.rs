@@ -166,6 +166,11 @@ impl StageKind {
             StageKind::Evict => "evict",
         }
     }
+
+    /// Parses [`StageKind::name`] back (e.g. from a journal entry).
+    pub fn from_name(name: &str) -> Option<StageKind> {
+        StageKind::ALL.into_iter().find(|k| k.name() == name)
+    }
 }
 
 /// What every stage has.

@@ -148,6 +148,41 @@ impl LabNetns {
     }
 }
 
+impl LabNetns {
+    /// Lets the kernel drop expired entries now: reading the table collects them (the
+    /// garbage collector alone may take a minute in an idle namespace).
+    pub fn collect_expired(&self) {
+        ctguard::netns::run_in(&self.path, || std::fs::read("/proc/net/nf_conntrack"))
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Every conntrack sysctl this test could change, with the global ones: the state a
+    /// rollback must restore value for value.
+    pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut all = std::collections::BTreeMap::new();
+        for global in ["nf_conntrack_max", "nf_conntrack_buckets"] {
+            all.insert(global.to_string(), read_global(global));
+        }
+        for t in ctguard::knob::TimeoutKnob::ALL {
+            all.insert(t.sysctl_file().to_string(), self.sysctl(t.sysctl_file()));
+        }
+        all
+    }
+}
+
+/// Polls `check` every 50 ms until it holds or `limit` passes; says whether it held.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check()
+}
+
 impl Drop for LabNetns {
     fn drop(&mut self) {
         let _ = Command::new("ip")

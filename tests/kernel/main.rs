@@ -5,6 +5,7 @@
 
 mod act;
 mod ctnetlink;
+mod daemon;
 mod kmsg;
 mod lab;
 mod loadgen;
@@ -22,6 +23,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(rollback::TESTS);
     all.extend(kmsg::TESTS);
     all.extend(ctnetlink::TESTS);
+    all.extend(daemon::TESTS);
     all.extend(status::TESTS);
     all.extend(notrack::TESTS);
     all

@@ -1,0 +1,31 @@
+//! `ctguard run`: the daemon, with the embedded default policy unless `--policy` is given.
+
+use super::StateDir;
+use crate::daemon::{self, Options};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Policy file (TOML); the embedded default when absent.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Decide and log what would be done; change nothing on the host.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Watch and protect another network namespace (a name under /run/netns, or a path).
+    #[arg(long, value_name = "NAME|PATH")]
+    pub netns: Option<String>,
+    #[command(flatten)]
+    pub state: StateDir,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    daemon::run(Options {
+        policy: args.policy,
+        dry_run: args.dry_run,
+        netns: args.netns.as_deref().map(crate::netns::resolve),
+        state_dir: args.state.state_dir,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,478 @@
+/*!
+The daemon (`ctguard run`): the live driver around the engine.
+
+One task on a current-thread runtime waits on whichever comes first: the next poll (the
+engine says how often: faster under pressure), a kernel log event (a table-full message
+wakes the engine at once, with a fresh sample and no fixed sleep on the way to the first
+write), a signal, or a change to the policy file. Every decision goes through the
+[`Executor`] (journal first, then the write, then a read-back) and its outcome goes back
+into the engine, which may decide the next step at once (a stage refused as "not permitted
+here" makes it try the next one).
+
+- `--dry-run`: the engine emits its decisions as "would"; they run through the same
+  executor checks against a recording actuator and a journal of their own under
+  `STATE_DIR/dry-run`, and nothing on the host changes.
+- `--netns`: count, counters and timeouts are those of that namespace; max and hashsize
+  are global and written from ctguard's own namespace; kernel messages are attributed by
+  the namespace inode.
+- On start the journal is reconciled with the host: changes still in force are adopted and
+  later rolled back like new ones; values someone else changed are left to them. A journal
+  that cannot be read makes ctguard watch and report only.
+- SIGTERM/SIGINT stop cleanly (rolling back first if the policy says so); SIGHUP or a
+  write to the policy file reloads it, and an invalid new policy is refused with its error
+  while the old one stays in force.
+*/
+
+use crate::act::executor::{ChangeRequest, ExecError, Executor, Reverted};
+use crate::act::recording::RecordingActuator;
+use crate::act::sysctl::{Roots, SysctlActuator};
+use crate::act::{ActError, Actuator};
+use crate::engine::{Action, Change, Decision, Engine, Input, Outcome};
+use crate::journal::{EntryState, Journal, LiveState};
+use crate::knob::Knob;
+use crate::observe::kmsg_follower::KmsgFollower;
+use crate::observe::memory::HostMemory;
+use crate::observe::sampler::Sampler;
+use crate::observe::{ConntrackSample, KernelEvent};
+use crate::policy::{Level, Mode, Policy, StageKind};
+use anyhow::Context;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+/// How `ctguard run` was asked to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The policy file; `None` for the embedded default.
+    pub policy: Option<PathBuf>,
+    pub dry_run: bool,
+    /// The namespace to watch and protect; `None` for ctguard's own.
+    pub netns: Option<PathBuf>,
+    pub state_dir: PathBuf,
+}
+
+impl Actuator for Box<dyn Actuator + Send> {
+    fn read(&mut self, knob: Knob) -> Result<u64, ActError> {
+        (**self).read(knob)
+    }
+
+    fn write(&mut self, knob: Knob, value: u64) -> Result<(), ActError> {
+        (**self).write(knob, value)
+    }
+}
+
+type BoxedExecutor = Executor<Box<dyn Actuator + Send>>;
+
+/// Loads a policy file (or the embedded default), with `--dry-run` overriding its mode.
+pub fn load_policy(path: Option<&Path>, dry_run: bool) -> anyhow::Result<Policy> {
+    let mut policy = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading policy {}", path.display()))?;
+            Policy::from_toml(&text, &path.display().to_string())?
+        }
+        None => Policy::embedded_default(),
+    };
+    if dry_run && policy.mode == Mode::Enforce {
+        policy.mode = Mode::DryRun;
+    }
+    Ok(policy)
+}
+
+/// Runs the daemon until a signal stops it.
+pub fn run(options: Options) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(async { Daemon::start(options)?.serve().await })
+}
+
+struct Daemon {
+    options: Options,
+    engine: Engine,
+    sampler: Sampler,
+    sample: ConntrackSample,
+    kmsg: Option<KmsgFollower>,
+    /// The inode of the protected namespace: table-full messages naming another
+    /// namespace are not ours.
+    netns_inode: Option<u64>,
+    /// `None` when the journal is unusable: then nothing is ever changed.
+    executor: Option<BoxedExecutor>,
+    /// The dry-run executor: recording actuator, its own journal.
+    rehearsal: Option<BoxedExecutor>,
+    started: Instant,
+    /// Drifts already reported, by (journal entry, live value).
+    drift_seen: BTreeSet<(u64, u64)>,
+}
+
+impl Daemon {
+    fn start(options: Options) -> anyhow::Result<Daemon> {
+        let mut policy = load_policy(options.policy.as_deref(), options.dry_run)?;
+        let host = HostMemory::read()?;
+        let netns = options.netns.as_deref();
+        let sampler = Sampler::open(netns)?;
+        let netns_inode = match netns {
+            Some(path) => Some(crate::netns::inode_of(path)?),
+            None => crate::netns::current_inode().ok(),
+        };
+        let kmsg = KmsgFollower::open()
+            .map_err(|e| warn!(error = %e, "kernel log unavailable; relying on polling"))
+            .ok();
+        let actuator = || -> Box<dyn Actuator + Send> {
+            Box::new(SysctlActuator::new(Roots::default(), options.netns.clone()))
+        };
+        let (executor, rehearsal) = if options.dry_run || policy.mode == Mode::DryRun {
+            let journal = Journal::open(&options.state_dir.join("dry-run"))?;
+            let recording: Box<dyn Actuator + Send> = Box::new(RecordingActuator::new(actuator()));
+            (
+                None,
+                Some(Executor::new(recording, journal, options.netns.clone())),
+            )
+        } else {
+            match Journal::open(&options.state_dir) {
+                Ok(journal) => (
+                    Some(Executor::new(actuator(), journal, options.netns.clone())),
+                    None,
+                ),
+                Err(e) => {
+                    error!(error = %e, "journal unusable: watching and reporting only");
+                    policy.mode = Mode::Observe;
+                    (None, None)
+                }
+            }
+        };
+        info!(
+            policy = %policy.source,
+            mode = policy.mode.name(),
+            netns = ?options.netns,
+            state_dir = %options.state_dir.display(),
+            "ctguard starting"
+        );
+        let mut daemon = Daemon {
+            options,
+            engine: Engine::new(policy, host),
+            sampler,
+            sample: ConntrackSample::default(),
+            kmsg,
+            netns_inode,
+            executor,
+            rehearsal,
+            started: Instant::now(),
+            drift_seen: BTreeSet::new(),
+        };
+        daemon.adopt_previous_changes()?;
+        Ok(daemon)
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Reconciles the journal with the host and hands changes still in force to the engine.
+    fn adopt_previous_changes(&mut self) -> anyhow::Result<()> {
+        let Some(exec) = self.executor.as_mut() else {
+            return Ok(());
+        };
+        let now = self.started.elapsed();
+        for (entry, state) in exec.reconcile()? {
+            if entry.netns != self.options.netns {
+                info!(entry = entry.id, knob = %entry.knob, netns = ?entry.netns,
+                    "change in force for another namespace; `ctguard rollback` undoes it");
+                continue;
+            }
+            match state {
+                LiveState::InForce => {
+                    let stage =
+                        StageKind::from_name(&entry.stage).unwrap_or(StageKind::RaiseLimits);
+                    info!(entry = entry.id, knob = %entry.knob, original = entry.original,
+                        current = entry.new, "adopting a change still in force from a previous run");
+                    self.engine
+                        .adopt(now, stage, entry.knob, entry.original, entry.new);
+                }
+                LiveState::Original => {
+                    exec.journal_mark(
+                        entry.id,
+                        EntryState::Reverted,
+                        "host held the original at start",
+                    )?;
+                }
+                LiveState::Drifted { live } => {
+                    warn!(entry = entry.id, knob = %entry.knob, live, set = entry.new,
+                        original = entry.original, "changed by someone else while ctguard was away; leaving it");
+                    exec.abandon(entry.id, live)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn serve(mut self) -> anyhow::Result<()> {
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        let mut policy_changes =
+            crate::policy_watch::PolicyWatch::new(self.options.policy.as_deref());
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        let watchdog = sd_notify::watchdog_enabled();
+        self.poll();
+        loop {
+            let wait = self.engine.state().poll_interval;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => self.poll(),
+                event = next_kernel_event(&mut self.kmsg) => self.kernel_event(event),
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+                _ = hangup.recv() => self.reload("SIGHUP"),
+                _ = policy_changes.changed() => self.reload("policy file changed"),
+            }
+            if watchdog.is_some() {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        let now = self.now();
+        let decisions = self.engine.shutdown(now);
+        if !decisions.is_empty() {
+            info!(
+                count = decisions.len(),
+                "rolling back before exit (rollback_on_exit)"
+            );
+        }
+        self.carry_out(decisions);
+        info!("ctguard stopped");
+        Ok(())
+    }
+
+    /// Takes a sample and lets the engine decide on it.
+    fn poll(&mut self) {
+        if let Err(e) = self.sampler.read_into(&mut self.sample) {
+            warn!(error = %e, "sampling failed; will try again");
+            return;
+        }
+        self.note_drift();
+        let now = self.now();
+        let decisions = self.engine.observe(now, Input::Sample(self.sample.clone()));
+        self.carry_out(decisions);
+    }
+
+    fn kernel_event(&mut self, event: Option<KernelEvent>) {
+        let Some(event) = event else { return };
+        if let KernelEvent::TableFull { netns: Some(inode) } = event
+            && Some(inode) != self.netns_inode
+        {
+            return;
+        }
+        info!(?event, "kernel");
+        // A fresh sample first, so the engine decides on the table as it is now.
+        self.poll();
+        let now = self.now();
+        let decisions = self.engine.observe(now, Input::Kernel(event));
+        self.carry_out(decisions);
+    }
+
+    fn reload(&mut self, why: &str) {
+        match load_policy(self.options.policy.as_deref(), self.options.dry_run) {
+            Ok(mut policy) => {
+                if self.executor.is_none() && self.rehearsal.is_none() {
+                    policy.mode = Mode::Observe;
+                }
+                info!(why, policy = %policy.source, mode = policy.mode.name(), "policy reloaded");
+                self.engine.replace_policy(policy);
+            }
+            Err(e) => {
+                error!(why, error = %format!("{e:#}"), "new policy refused; the old one stays in force")
+            }
+        }
+    }
+
+    /// Reports knobs ctguard set that now hold another value. Under pressure the engine
+    /// acts per policy on the live values; at rest the operator's value is left alone.
+    fn note_drift(&mut self) {
+        let Some(exec) = self.executor.as_mut() else {
+            return;
+        };
+        let under_pressure = self.engine.state().level > Level::Normal;
+        let drifted: Vec<(u64, Knob, u64, u64)> = exec
+            .journal()
+            .in_force_newest_first()
+            .into_iter()
+            .filter(|e| e.netns == self.options.netns)
+            .filter(|e| e.state == EntryState::Applied)
+            .filter_map(|e| {
+                // Back at the original counts too: that is what a firewall restart does.
+                let live = observed(&self.sample, e.knob)?;
+                (LiveState::of(e, live) != LiveState::InForce)
+                    .then_some((e.id, e.knob, live, e.new))
+            })
+            .collect();
+        for (id, knob, live, set) in drifted {
+            if !self.drift_seen.insert((id, live)) {
+                continue;
+            }
+            if under_pressure {
+                warn!(entry = id, %knob, live, set, "drift during an incident: acting per policy on the live value");
+            } else {
+                warn!(entry = id, %knob, live, set, "drift: someone else changed it; leaving the manual value");
+                if let Err(e) = exec.abandon(id, live) {
+                    error!(error = %e, "could not record the drift in the journal");
+                }
+            }
+        }
+    }
+
+    /// Carries out decisions, feeding each outcome back until the engine has nothing more.
+    fn carry_out(&mut self, mut decisions: Vec<Decision>) {
+        while let Some(decision) = (!decisions.is_empty()).then(|| decisions.remove(0)) {
+            info!(id = %decision.id, stage = decision.stage.name(), reason = %decision.reason, "decision");
+            let incident = self.engine.state().incident.map_or(0, |i| i.id.0);
+            let in_use = self.sample.count;
+            let outcome = match &decision.action {
+                Action::DryRun(inner) => {
+                    if let Some(exec) = self.rehearsal.as_mut() {
+                        let outcome = perform(exec, decision.stage, inner, incident, in_use);
+                        info!(id = %decision.id, ?outcome, "dry-run: would have done this; nothing changed");
+                    }
+                    continue;
+                }
+                action => match self.executor.as_mut() {
+                    Some(exec) => perform(exec, decision.stage, action, incident, in_use),
+                    None => Outcome::NotPermitted(
+                        "no usable journal: ctguard does not act unjournaled".into(),
+                    ),
+                },
+            };
+            match &outcome {
+                Outcome::Applied => info!(id = %decision.id, "applied"),
+                Outcome::NotPermitted(why) => {
+                    warn!(id = %decision.id, why, "not permitted here; trying the next stage")
+                }
+                Outcome::Failed(why) => warn!(id = %decision.id, why, "failed"),
+            }
+            let now = self.now();
+            decisions.extend(self.engine.outcome(now, decision.id, outcome));
+        }
+    }
+}
+
+/// The next event from the kernel log, or never when there is no kernel log. A read error
+/// is logged and yields `None` (the follower keeps going).
+async fn next_kernel_event(kmsg: &mut Option<KmsgFollower>) -> Option<KernelEvent> {
+    match kmsg {
+        Some(follower) => match follower.next_event().await {
+            Ok(event) => Some(event.event),
+            Err(e) => {
+                warn!(error = %e, "kernel log read failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                None
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// A knob's value in a sample, where the sample has it.
+fn observed(sample: &ConntrackSample, knob: Knob) -> Option<u64> {
+    match knob {
+        Knob::Max => Some(sample.max),
+        Knob::Buckets => sample.buckets,
+        Knob::Timeout(t) => sample.timeouts.get(&t).copied(),
+    }
+}
+
+/// Carries out one action through an executor. A multi-knob apply is all or nothing:
+/// when one write fails, those already made are undone before the outcome is reported.
+fn perform(
+    exec: &mut BoxedExecutor,
+    stage: StageKind,
+    action: &Action,
+    incident: u64,
+    in_use: u64,
+) -> Outcome {
+    match action {
+        Action::Apply(changes) => apply_all(exec, stage, changes, incident, in_use),
+        Action::Revert(changes) => revert_all(exec, changes, in_use),
+        Action::Notrack { .. } | Action::Untrack { .. } => {
+            Outcome::NotPermitted("NOTRACK is not available from the daemon in this build".into())
+        }
+        Action::Evict { .. } => {
+            Outcome::NotPermitted("eviction is not available in this build".into())
+        }
+        Action::DryRun(inner) => perform(exec, stage, inner, incident, in_use),
+    }
+}
+
+fn apply_all(
+    exec: &mut BoxedExecutor,
+    stage: StageKind,
+    changes: &[Change],
+    incident: u64,
+    in_use: u64,
+) -> Outcome {
+    let mut done = Vec::new();
+    for change in changes {
+        let request = ChangeRequest {
+            knob: change.knob,
+            expected: change.from,
+            to: change.to,
+            stage: stage.name().to_string(),
+            incident,
+        };
+        match exec.apply(&request, in_use) {
+            Ok(id) => {
+                info!(entry = id, knob = %change.knob, from = change.from, to = change.to, "changed");
+                done.push(id);
+            }
+            Err(e) => {
+                for id in done.into_iter().rev() {
+                    if let Err(undo) = exec.revert(id, in_use) {
+                        error!(entry = id, error = %undo, "could not undo a partial change; `ctguard rollback` will");
+                    }
+                }
+                return outcome_of(&e);
+            }
+        }
+    }
+    Outcome::Applied
+}
+
+fn revert_all(exec: &mut BoxedExecutor, changes: &[Change], in_use: u64) -> Outcome {
+    for change in changes {
+        let netns = exec.netns().map(Path::to_path_buf);
+        let Some(entry) = exec
+            .journal()
+            .in_force_for(change.knob, netns.as_deref())
+            .map(|e| e.id)
+        else {
+            warn!(knob = %change.knob, "nothing journaled in force for this knob; nothing to revert");
+            continue;
+        };
+        match exec.step_back(entry, change.to, in_use) {
+            Ok(Reverted::Restored { knob, to, .. } | Reverted::Stepped { knob, to, .. }) => {
+                info!(entry, %knob, to, "reverted")
+            }
+            Ok(Reverted::AlreadyOriginal { knob, .. }) => {
+                info!(entry, %knob, "already at its original")
+            }
+            Ok(Reverted::LeftDrifted { knob, live, .. }) => {
+                warn!(entry, %knob, live, "changed by someone else; left as they set it");
+                if let Err(e) = exec.abandon(entry, live) {
+                    return outcome_of(&e);
+                }
+            }
+            Ok(Reverted::Deferred { why, .. }) => return Outcome::Failed(why),
+            Err(e) => return outcome_of(&e),
+        }
+    }
+    Outcome::Applied
+}
+
+fn outcome_of(e: &ExecError) -> Outcome {
+    if e.is_not_permitted() {
+        Outcome::NotPermitted(e.to_string())
+    } else {
+        Outcome::Failed(e.to_string())
+    }
+}

@@ -1,0 +1,316 @@
+//! `ctguard run` against the real kernel, in scratch namespaces: an incident from the
+//! first drop to the exact rollback; a crash and restart; drift; running inside a
+//! namespace where global knobs are not permitted.
+
+use crate::lab::{GlobalSysctl, LabNetns, read_global, wait_until};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+pub const TESTS: &[(&str, fn())] = &[
+    (
+        "daemon_escalates_stops_drops_and_rolls_back_exactly",
+        incident_and_exact_rollback,
+    ),
+    (
+        "daemon_killed_mid_incident_is_reconciled_and_rolled_back",
+        crash_and_restart,
+    ),
+    ("daemon_acts_on_drift_only_during_an_incident", drift),
+    (
+        "daemon_inside_a_namespace_moves_on_to_timeouts",
+        inside_namespace,
+    ),
+];
+
+const UDP: &str = "nf_conntrack_udp_timeout";
+const ESTABLISHED: &str = "nf_conntrack_tcp_timeout_established";
+
+fn fast_policy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/daemon/fast-lab.toml")
+}
+
+/// The fast lab policy with some settings replaced, written next to the state dir.
+fn policy_with(dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
+    let mut text = std::fs::read_to_string(fast_policy()).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from} not in the fast policy");
+        text = text.replace(from, to);
+    }
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A running `ctguard`, killed if the test ends without stopping it.
+struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(cmd: &mut Command, log: PathBuf) -> Daemon {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start ctguard");
+        Daemon {
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn run(args: &[&str], log: PathBuf) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
+        cmd.arg("run").args(args);
+        Daemon::start(&mut cmd, log)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_for_log(&self, text: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.log().contains(text))
+    }
+
+    fn signal(&mut self, signal: i32) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("--- ctguard log ---\n{}", self.log());
+        }
+    }
+}
+
+fn drops(lab: &LabNetns) -> u64 {
+    let mut sampler = ctguard::observe::sampler::Sampler::open(Some(&lab.path)).unwrap();
+    let stats = sampler.read().unwrap().stats.expect("stats");
+    stats.drop + stats.early_drop + stats.insert_failed
+}
+
+fn state_args<'a>(lab: &'a LabNetns, policy: &'a Path, state: &'a Path) -> Vec<&'a str> {
+    vec![
+        "--netns",
+        &lab.name,
+        "--policy",
+        policy.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]
+}
+
+/// Waits until expired entries are gone and the snapshot equals `before`.
+fn wait_for_exact_restore(lab: &LabNetns, before: &std::collections::BTreeMap<String, u64>) {
+    let restored = wait_until(Duration::from_secs(60), || {
+        lab.collect_expired();
+        lab.snapshot() == *before
+    });
+    assert!(
+        restored,
+        "not restored:\nbefore {before:?}\nnow    {:?}",
+        lab.snapshot()
+    );
+}
+
+fn incident_and_exact_rollback() {
+    let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
+    let _buckets = GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets"));
+    let lab = LabNetns::new("run");
+    let state = tempfile::tempdir().unwrap();
+    let before = lab.snapshot();
+    let policy = fast_policy();
+    let mut daemon = Daemon::run(
+        &state_args(&lab, &policy, state.path()),
+        state.path().join("log"),
+    );
+    assert!(daemon.wait_for_log("ctguard starting", Duration::from_secs(5)));
+
+    lab.fill_table(2000);
+    assert!(
+        wait_until(Duration::from_secs(10), || read_global("nf_conntrack_max")
+            > 4096
+            && lab.sysctl(UDP) < before[UDP]),
+        "max and the udp timeout were not changed:\n{}",
+        daemon.log()
+    );
+
+    // Once ctguard has made room, new flows are tracked instead of dropped.
+    let settled = wait_until(Duration::from_secs(10), || {
+        let count = lab.sysctl("nf_conntrack_count");
+        read_global("nf_conntrack_max") >= count + 500
+    });
+    assert!(settled, "no headroom made:\n{}", daemon.log());
+    let dropped_before = drops(&lab);
+    let count_before = lab.sysctl("nf_conntrack_count");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    ctguard::netns::run_in(&lab.path, || {
+        ctguard::loadgen::fill_udp(1_000_000, 300, deadline)
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(drops(&lab), dropped_before, "drops after ctguard acted");
+    assert!(lab.sysctl("nf_conntrack_count") > count_before);
+
+    // The load is over: everything comes back, value for value.
+    wait_for_exact_restore(&lab, &before);
+    assert!(daemon.signal(libc::SIGTERM).success());
+    assert_eq!(lab.snapshot(), before);
+    let journal = std::fs::read_to_string(state.path().join("journal.json")).unwrap();
+    assert!(
+        !journal.contains("\"applied\""),
+        "changes left in force:\n{journal}"
+    );
+}
+
+fn crash_and_restart() {
+    let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
+    let _buckets = GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets"));
+    let lab = LabNetns::new("crash");
+    let state = tempfile::tempdir().unwrap();
+    let before = lab.snapshot();
+    // Recovery takes an hour here, so only the crash and the command undo anything.
+    let policy = policy_with(
+        state.path(),
+        &[("recover_for = \"1s\"", "recover_for = \"1h\"")],
+    );
+    let args = state_args(&lab, &policy, state.path());
+    let mut first = Daemon::run(&args, state.path().join("log1"));
+    assert!(first.wait_for_log("ctguard starting", Duration::from_secs(5)));
+    lab.fill_table(2000);
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.sysctl(UDP) < before[UDP]),
+        "{}",
+        first.log()
+    );
+    first.signal(libc::SIGKILL);
+    assert_ne!(lab.snapshot(), before, "the crash left changes in force");
+
+    let mut second = Daemon::run(&args, state.path().join("log2"));
+    assert!(
+        second.wait_for_log("adopting a change still in force", Duration::from_secs(5)),
+        "{}",
+        second.log()
+    );
+    second.signal(libc::SIGKILL);
+
+    // Rollback never lowers max below the entries in use: let the flows expire first.
+    assert!(wait_until(Duration::from_secs(60), || {
+        lab.collect_expired();
+        lab.sysctl("nf_conntrack_count") < 4096
+    }));
+    let out = Command::new(env!("CARGO_BIN_EXE_ctguard"))
+        .args(["rollback", "--all", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lab.snapshot(), before);
+}
+
+fn drift() {
+    let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
+    let _buckets = GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets"));
+    let lab = LabNetns::new("drift");
+    let state = tempfile::tempdir().unwrap();
+    let before = lab.snapshot();
+    let policy = policy_with(
+        state.path(),
+        &[("recover_for = \"1s\"", "recover_for = \"1h\"")],
+    );
+    let mut daemon = Daemon::run(
+        &state_args(&lab, &policy, state.path()),
+        state.path().join("log"),
+    );
+    assert!(daemon.wait_for_log("ctguard starting", Duration::from_secs(5)));
+    lab.fill_table(2000);
+    assert!(
+        wait_until(Duration::from_secs(10), || read_global("nf_conntrack_max")
+            > 4096),
+        "{}",
+        daemon.log()
+    );
+
+    // During the incident someone resets max (as a firewall restart would): the table is
+    // over the limit again and ctguard raises it again within a couple of polls.
+    std::fs::write("/proc/sys/net/netfilter/nf_conntrack_max", "4096").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(2), || read_global("nf_conntrack_max")
+            > 4096),
+        "max not raised again after the reset:\n{}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains("drift during an incident"));
+
+    // At rest (table mostly empty, changes still in force), a manual value is left alone.
+    assert!(wait_until(Duration::from_secs(60), || {
+        lab.collect_expired();
+        lab.sysctl("nf_conntrack_count") * 4 < read_global("nf_conntrack_max")
+    }));
+    std::thread::sleep(Duration::from_millis(500));
+    let established = format!("/proc/sys/net/netfilter/{ESTABLISHED}");
+    ctguard::netns::run_in(&lab.path, || std::fs::write(&established, "7777"))
+        .unwrap()
+        .unwrap();
+    assert!(
+        daemon.wait_for_log("leaving the manual value", Duration::from_secs(2)),
+        "{}",
+        daemon.log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lab.sysctl(ESTABLISHED), 7777);
+
+    // A clean stop rolls back what is still ctguard's, and leaves the manual value.
+    assert!(daemon.signal(libc::SIGTERM).success());
+    assert_eq!(lab.sysctl(ESTABLISHED), 7777);
+    assert_eq!(read_global("nf_conntrack_max"), 4096);
+    assert_eq!(lab.sysctl(UDP), before[UDP]);
+}
+
+fn inside_namespace() {
+    let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
+    let lab = LabNetns::new("inside");
+    let state = tempfile::tempdir().unwrap();
+    let policy = fast_policy();
+    let udp_before = lab.sysctl(UDP);
+    let mut cmd = lab.exec(&[
+        env!("CARGO_BIN_EXE_ctguard"),
+        "run",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]);
+    let mut daemon = Daemon::start(&mut cmd, state.path().join("log"));
+    assert!(daemon.wait_for_log("ctguard starting", Duration::from_secs(5)));
+    lab.fill_table(2000);
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.sysctl(UDP) < udp_before),
+        "timeouts not shortened:\n{}",
+        daemon.log()
+    );
+    assert_eq!(read_global("nf_conntrack_max"), 4096);
+    assert!(
+        daemon.log().contains("not permitted here"),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.signal(libc::SIGTERM).success());
+    assert_eq!(lab.sysctl(UDP), udp_before);
+}
