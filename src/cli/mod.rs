@@ -11,6 +11,7 @@ pub mod record;
 pub mod rollback;
 pub mod simulate;
 pub mod status;
+pub mod top;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -46,6 +47,8 @@ pub enum Command {
     Journal(journal::JournalArgs),
     /// Restore original values of changes still in force.
     Rollback(rollback::RollbackArgs),
+    /// Show what fills the conntrack table now, and which ports NOTRACK could take out.
+    Top(top::TopArgs),
 }
 
 /// `--state-dir`, shared by every command that reads or writes the journal.
@@ -66,6 +69,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Record(args) => record::run(args),
         Command::Journal(args) => journal::run(args),
         Command::Rollback(args) => rollback::run(args),
+        Command::Top(args) => top::run(args),
     }
 }
 
