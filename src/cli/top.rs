@@ -54,7 +54,9 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
         .read(args.limit)
         .context("reading the conntrack table")?;
     let rules = NotrackEligibility::default();
-    let verdicts = notrack_eligibility(&table, &rules);
+    let verdicts: Vec<PortVerdict> = notrack_eligibility(&table, &rules)
+        .take(args.limit)
+        .collect();
     let output = if args.json {
         json_report(&args, &table, &verdicts, &rules).to_string() + "\n"
     } else {

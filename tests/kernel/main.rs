@@ -10,6 +10,7 @@ mod lab;
 mod loadgen;
 mod rollback;
 mod status;
+mod table;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -22,6 +23,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(kmsg::TESTS);
     all.extend(ctnetlink::TESTS);
     all.extend(status::TESTS);
+    all.extend(table::TESTS);
     all
 }
 

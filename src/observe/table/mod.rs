@@ -40,6 +40,7 @@ use super::ctnetlink::{
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 // include/uapi/linux/netfilter/nfnetlink.h and nfnetlink_conntrack.h
@@ -488,20 +489,69 @@ struct PortCounters {
     nat: u64,
 }
 
+/// A fast multiply-rotate hasher (FxHash's scheme) for the aggregation's small keys:
+/// SipHash cost more than all the rest of the per-entry work. Keys come from traffic, so
+/// collisions could be forced, but the maps it serves are bounded (at most 65,536 ports
+/// per protocol, and the top-sources slots), so that costs probes, never unbounded time.
+#[derive(Debug, Clone, Copy, Default)]
+struct KeyHasher(u64);
+
+impl KeyHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, value: u8) {
+        self.add(u64::from(value));
+    }
+
+    fn write_u16(&mut self, value: u16) {
+        self.add(u64::from(value));
+    }
+
+    fn write_u32(&mut self, value: u32) {
+        self.add(u64::from(value));
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.add(value);
+    }
+
+    fn write_usize(&mut self, value: usize) {
+        self.add(value as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type KeyMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
+
 /// The busiest sources in bounded memory (the Space-Saving summary): exact while there
 /// are no more distinct sources than slots; beyond that each count may be over by at most
 /// the count it took its slot over from, which is kept as `overcount`.
 #[derive(Debug, Clone)]
 struct TopSources {
     slots: usize,
-    counts: HashMap<IpAddr, (u64, u64)>,
+    counts: KeyMap<IpAddr, (u64, u64)>,
 }
 
 impl TopSources {
     fn new(slots: usize) -> Self {
         TopSources {
             slots: slots.max(1),
-            counts: HashMap::new(),
+            counts: KeyMap::default(),
         }
     }
 
@@ -543,7 +593,7 @@ impl TopSources {
 pub struct TableAggregator {
     local: LocalAddresses,
     total: u64,
-    ports: HashMap<(Protocol, u16), PortCounters>,
+    ports: KeyMap<(Protocol, u16), PortCounters>,
     tcp_states: [u64; TCP_STATE_NAMES.len()],
     sources: TopSources,
     top_sources: usize,
@@ -556,7 +606,7 @@ impl TableAggregator {
         TableAggregator {
             local,
             total: 0,
-            ports: HashMap::new(),
+            ports: KeyMap::default(),
             tcp_states: [0; TCP_STATE_NAMES.len()],
             // Spare slots make the summary exact for tables with a few dominant sources.
             sources: TopSources::new(top_sources.saturating_mul(8).max(64)),

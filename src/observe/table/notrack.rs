@@ -50,9 +50,14 @@ pub struct PortVerdict {
     pub reason: String,
 }
 
-/// A verdict for each port of `table`, in the table's order (busiest first).
-pub fn notrack_eligibility(table: &TableBreakdown, rules: &NotrackEligibility) -> Vec<PortVerdict> {
-    let share_of = |entries: u64| {
+/// A verdict for each port of `table`, in the table's order (busiest first). Lazy: a
+/// port's verdict depends only on the ports before it, so a caller showing the top N takes
+/// N and no more reasons are written.
+pub fn notrack_eligibility<'a>(
+    table: &'a TableBreakdown,
+    rules: &'a NotrackEligibility,
+) -> impl Iterator<Item = PortVerdict> + 'a {
+    let share_of = move |entries: u64| {
         if table.total == 0 {
             0.0
         } else {
@@ -60,55 +65,51 @@ pub fn notrack_eligibility(table: &TableBreakdown, rules: &NotrackEligibility) -
         }
     };
     let mut offered = 0;
-    table
-        .ports
-        .iter()
-        .map(|usage| {
-            let share = share_of(usage.entries);
-            let local_share = share_of(usage.local_entries);
-            let refusal = refusal(usage, local_share, rules).or_else(|| {
-                (offered >= rules.max_ports).then(|| {
-                    Refusal::Traffic(format!(
-                        "but {} hotter port{} already take max_ports {}",
-                        offered,
-                        if offered == 1 { "" } else { "s" },
-                        rules.max_ports
-                    ))
-                })
-            });
-            let name = format!("port {}/{}", usage.port, usage.proto);
-            let (eligible, reason) = match refusal {
-                Some(Refusal::Listed(why)) => (false, format!("{name}: {why}")),
-                Some(Refusal::Traffic(why)) => (
-                    false,
-                    format!("{name}: {} of the table, {why}", percent(share)),
-                ),
-                None => {
-                    offered += 1;
-                    let local = if usage.local_entries == usage.entries {
-                        "all terminating here".to_string()
-                    } else {
-                        format!("{} terminating here", percent(local_share))
-                    };
-                    (
-                        true,
-                        format!(
-                            "{name}: {} of the table, {local}, none NAT'd or forwarded",
-                            percent(share)
-                        ),
-                    )
-                }
-            };
-            PortVerdict {
-                proto: usage.proto,
-                port: usage.port,
-                entries: usage.entries,
-                share,
-                eligible,
-                reason,
+    table.ports.iter().map(move |usage| {
+        let share = share_of(usage.entries);
+        let local_share = share_of(usage.local_entries);
+        let refusal = refusal(usage, local_share, rules).or_else(|| {
+            (offered >= rules.max_ports).then(|| {
+                Refusal::Traffic(format!(
+                    "but {} hotter port{} already take max_ports {}",
+                    offered,
+                    if offered == 1 { "" } else { "s" },
+                    rules.max_ports
+                ))
+            })
+        });
+        let name = format!("port {}/{}", usage.port, usage.proto);
+        let (eligible, reason) = match refusal {
+            Some(Refusal::Listed(why)) => (false, format!("{name}: {why}")),
+            Some(Refusal::Traffic(why)) => (
+                false,
+                format!("{name}: {} of the table, {why}", percent(share)),
+            ),
+            None => {
+                offered += 1;
+                let local = if usage.local_entries == usage.entries {
+                    "all terminating here".to_string()
+                } else {
+                    format!("{} terminating here", percent(local_share))
+                };
+                (
+                    true,
+                    format!(
+                        "{name}: {} of the table, {local}, none NAT'd or forwarded",
+                        percent(share)
+                    ),
+                )
             }
-        })
-        .collect()
+        };
+        PortVerdict {
+            proto: usage.proto,
+            port: usage.port,
+            entries: usage.entries,
+            share,
+            eligible,
+            reason,
+        }
+    })
 }
 
 /// Why a port is not offered.
@@ -191,7 +192,7 @@ mod tests {
     }
 
     fn verdicts(ports: Vec<PortUsage>, total: u64, rules: &NotrackEligibility) -> Vec<PortVerdict> {
-        notrack_eligibility(&table(ports, total), rules)
+        notrack_eligibility(&table(ports, total), rules).collect()
     }
 
     #[test]
