@@ -141,14 +141,22 @@ fn top_process(lab: &LabNetns, expected: u64) -> (Duration, i64) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ctguard"))
         .args(["top", "--netns", &lab.name, "--json"])
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ctguard top");
     let mut output = String::new();
+    let mut errors = String::new();
     child
         .stdout
         .take()
         .unwrap()
         .read_to_string(&mut output)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut errors)
         .unwrap();
     // wait4 rather than Child::wait: it reports this child's own peak RSS.
     let mut status = 0;
@@ -161,7 +169,7 @@ fn top_process(lab: &LabNetns, expected: u64) -> (Duration, i64) {
     assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "ctguard top failed"
+        "ctguard top failed (wait status {status:#x}): {errors}"
     );
     let report: serde_json::Value = serde_json::from_str(&output).expect("top --json");
     assert_eq!(report["total"], expected, "{output}");

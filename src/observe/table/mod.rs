@@ -366,10 +366,21 @@ pub fn parse_address(payload: &[u8]) -> Result<Vec<IpAddr>, String> {
     Ok(found)
 }
 
+/// Where a flow goes, seen from this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Its original destination is a local address.
+    TerminatesLocally,
+    /// Only its source is local: a connection this host opened.
+    Outgoing,
+    /// Neither end is local: routed through this host.
+    Forwarded,
+}
+
 /// The addresses at which this namespace receives traffic.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LocalAddresses {
-    addresses: HashSet<IpAddr>,
+    addresses: HashSet<IpAddr, BuildHasherDefault<KeyHasher>>,
 }
 
 impl LocalAddresses {
@@ -388,20 +399,8 @@ impl LocalAddresses {
             || *address == IpAddr::V4(Ipv4Addr::BROADCAST)
             || self.addresses.contains(address)
     }
-}
 
-/// Where a flow goes, seen from this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// Its original destination is a local address.
-    TerminatesLocally,
-    /// Only its source is local: a connection this host opened.
-    Outgoing,
-    /// Neither end is local: routed through this host.
-    Forwarded,
-}
-
-impl LocalAddresses {
+    /// Where `tuple` goes, seen from this host.
     pub fn direction(&self, tuple: &Tuple) -> Direction {
         if self.contains(&tuple.destination) {
             Direction::TerminatesLocally
