@@ -12,6 +12,7 @@ pub mod rollback;
 pub mod run;
 pub mod simulate;
 pub mod status;
+pub mod top;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -49,6 +50,8 @@ pub enum Command {
     Journal(journal::JournalArgs),
     /// Restore original values of changes still in force.
     Rollback(rollback::RollbackArgs),
+    /// Show what fills the conntrack table now, and which ports NOTRACK could take out.
+    Top(top::TopArgs),
 }
 
 /// `--state-dir`, shared by every command that reads or writes the journal.
@@ -70,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Record(args) => record::run(args),
         Command::Journal(args) => journal::run(args),
         Command::Rollback(args) => rollback::run(args),
+        Command::Top(args) => top::run(args),
     }
 }
 

@@ -21,23 +21,27 @@ as `ConntrackMessage::Other` with raw attributes, which this module interprets. 
 attributes are ignored (the kernel adds counters over time); malformed input is an
 [`ObserveError::Netlink`] naming the channel and what was expected.
 
-The transport, [`CtnetlinkStats`], is a small synchronous reader on `netlink-sys` with a
-receive timeout, rather than an async `netlink-proto` connection: the query runs once per
-poll and answers in microseconds, a blocking socket needs no runtime or background task,
+Two pieces are shared with the other netlink readers ([`super::table`]): [`RawMessages`]
+frames a datagram into [`RawMessage`]s and [`RawMessage::control`] tells how each one ends
+(or fails) its reply; [`NetlinkSocket`] is the transport, a small synchronous socket on
+`netlink-sys` with a receive timeout and one reused receive buffer.
+
+[`CtnetlinkStats`] reads the stats over that transport rather than an async `netlink-proto`
+connection: the query runs once per poll and answers in microseconds, a blocking socket needs no runtime or background task,
 and it can be opened on the short-lived thread that [`crate::netns::run_in`] runs inside a
 namespace and then be moved to and used from any other thread (async callers wrap
 [`CtnetlinkStats::read`] in `spawn_blocking`).
 
 Reading never makes the kernel load a module: on a kernel with loadable modules, opening
 the socket or addressing the ctnetlink subsystem would autoload `nfnetlink` /
-`nf_conntrack_netlink`, so [`CtnetlinkStats::open`] first checks that
+`nf_conntrack_netlink`, so [`NetlinkSocket::open_ctnetlink`] first checks that
 `nf_conntrack_netlink` is already loaded or built in, and refuses otherwise.
 */
 
 use super::{ConntrackStats, ObserveError};
 use netlink_packet_core::{
-    DefaultNla, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload, Nla,
+    DefaultNla, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, Nla,
 };
 use netlink_packet_netfilter::conntrack::ConntrackMessage;
 use netlink_packet_netfilter::{
@@ -239,42 +243,37 @@ impl Replies {
     /// Messages for another sequence number (left over from an abandoned read) are skipped;
     /// so is anything after the end.
     pub fn feed(&mut self, datagram: &[u8]) -> Result<(), ObserveError> {
-        let mut rest = datagram;
-        while !rest.is_empty() && !self.finished {
-            let length = NetlinkBuffer::new_checked(rest)
-                .map_err(|e| self.error(format!("expected a netlink message header: {e}")))?
-                .length() as usize;
-            let message = NetlinkMessage::<NetfilterMessage>::deserialize(&rest[..length])
-                .map_err(|e| self.error(format!("expected a ctnetlink stats message: {e}")))?;
-            if message.header.sequence_number == self.sequence_number {
-                self.take(message)?;
+        let mut messages = RawMessages::new(datagram);
+        while !self.finished {
+            let Some(message) = messages.next() else {
+                break;
+            };
+            let message = message.map_err(|e| self.error(e))?;
+            if message.sequence_number != self.sequence_number {
+                continue;
             }
-            rest = rest.get(length.next_multiple_of(4)..).unwrap_or_default();
+            match message.control().map_err(|e| self.error(e))? {
+                Control::Ack if self.query == Query::Stats => self.finished = true,
+                Control::Ack => {
+                    return Err(self.error("expected NLMSG_DONE, found an ACK".into()));
+                }
+                Control::Done if self.query == Query::StatsCpu => self.finished = true,
+                Control::Done => {
+                    return Err(self.error("expected an ACK, found NLMSG_DONE".into()));
+                }
+                Control::Refused(errno) => return Err(self.error(errno_message(errno))),
+                Control::Noop => {}
+                Control::Data => self.take(message)?,
+            }
         }
         Ok(())
     }
 
-    fn take(&mut self, message: NetlinkMessage<NetfilterMessage>) -> Result<(), ObserveError> {
-        let found_type = message.header.message_type;
+    /// Keeps the body of one stats message.
+    fn take(&mut self, raw: RawMessage<'_>) -> Result<(), ObserveError> {
+        let message = NetlinkMessage::<NetfilterMessage>::deserialize(raw.bytes)
+            .map_err(|e| self.error(format!("expected a ctnetlink stats message: {e}")))?;
         match message.payload {
-            NetlinkPayload::Error(error) => match error.code {
-                None if self.query == Query::Stats => self.finished = true,
-                None => return Err(self.error("expected NLMSG_DONE, found an ACK".into())),
-                Some(code) => return Err(self.error(errno_message(code.get()))),
-            },
-            NetlinkPayload::Done(done) => {
-                if done.code != 0 {
-                    return Err(self.error(errno_message(done.code)));
-                }
-                if self.query != Query::StatsCpu {
-                    return Err(self.error("expected an ACK, found NLMSG_DONE".into()));
-                }
-                self.finished = true;
-            }
-            NetlinkPayload::Noop => {}
-            NetlinkPayload::Overrun(_) => {
-                return Err(self.error("the kernel reported NLMSG_OVERRUN".into()));
-            }
             NetlinkPayload::InnerMessage(NetfilterMessage {
                 header,
                 inner:
@@ -291,8 +290,9 @@ impl Replies {
             }
             _ => {
                 return Err(self.error(format!(
-                    "expected message type {:#06x}, found {found_type:#06x}",
-                    self.query.netlink_type()
+                    "expected message type {:#06x}, found {:#06x}",
+                    self.query.netlink_type(),
+                    raw.message_type
                 )));
             }
         }
@@ -304,6 +304,132 @@ impl Replies {
     }
 }
 
+// include/uapi/linux/netlink.h: control message types and the dump-interrupted flag.
+const NLMSG_NOOP: u16 = 1;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLMSG_OVERRUN: u16 = 4;
+/// Set on a dump message when the kernel's data changed while the dump ran, so the dump
+/// may have skipped or repeated entries.
+pub const NLM_F_DUMP_INTR: u16 = 0x10;
+const NLMSG_HEADER_LEN: usize = 16;
+
+/// One netlink message framed out of a datagram, header fields decoded, nothing else.
+/// Shared by every netlink reader here: the stats replies, the table dump and the
+/// address dump all frame and end their replies the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawMessage<'a> {
+    pub message_type: u16,
+    pub flags: u16,
+    pub sequence_number: u32,
+    /// What follows the 16-byte header, up to the message's declared length.
+    pub payload: &'a [u8],
+    /// The whole message, header included.
+    pub bytes: &'a [u8],
+}
+
+/// What a message means for the reply it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// A message of the request's own family, to be parsed by the caller.
+    Data,
+    /// `NLMSG_DONE` with status 0: the dump is complete.
+    Done,
+    /// `NLMSG_ERROR` with code 0: the requested ACK.
+    Ack,
+    /// `NLMSG_ERROR` or `NLMSG_DONE` carrying this (positive) errno.
+    Refused(i32),
+    /// `NLMSG_NOOP`: nothing.
+    Noop,
+}
+
+impl RawMessage<'_> {
+    /// Classifies the message; a control message too short to hold its status, and
+    /// `NLMSG_OVERRUN`, are errors.
+    pub fn control(&self) -> Result<Control, String> {
+        let status = || -> Result<i32, String> {
+            let bytes = self.payload.first_chunk::<4>().ok_or_else(|| {
+                format!(
+                    "expected a 4-byte status in message type {}, found {} bytes",
+                    self.message_type,
+                    self.payload.len()
+                )
+            })?;
+            Ok(i32::from_ne_bytes(*bytes))
+        };
+        // The kernel sends negative errnos; a positive one would be a kernel bug, kept as is.
+        let refused =
+            |code: i32| Control::Refused(code.checked_neg().filter(|e| *e > 0).unwrap_or(code));
+        Ok(match self.message_type {
+            NLMSG_NOOP => Control::Noop,
+            NLMSG_ERROR => match status()? {
+                0 => Control::Ack,
+                code => refused(code),
+            },
+            NLMSG_DONE => match status()? {
+                0 => Control::Done,
+                code => refused(code),
+            },
+            NLMSG_OVERRUN => return Err("the kernel reported NLMSG_OVERRUN".into()),
+            _ => Control::Data,
+        })
+    }
+
+    /// Whether the kernel flagged this dump message as possibly inconsistent.
+    pub fn dump_interrupted(&self) -> bool {
+        self.flags & NLM_F_DUMP_INTR != 0
+    }
+}
+
+/// The netlink messages of one datagram, in order; a header that does not fit is an
+/// error, after which iteration stops.
+#[derive(Debug, Clone)]
+pub struct RawMessages<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> RawMessages<'a> {
+    pub fn new(datagram: &'a [u8]) -> Self {
+        RawMessages { rest: datagram }
+    }
+}
+
+impl<'a> Iterator for RawMessages<'a> {
+    type Item = Result<RawMessage<'a>, String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let rest = std::mem::take(&mut self.rest);
+        let Some(header) = rest.first_chunk::<NLMSG_HEADER_LEN>() else {
+            return Some(Err(format!(
+                "expected a netlink message header of {NLMSG_HEADER_LEN} bytes, found {} bytes",
+                rest.len()
+            )));
+        };
+        let field16 = |at: usize| u16::from_ne_bytes([header[at], header[at + 1]]);
+        let field32 = |at: usize| {
+            u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
+        let length = field32(0) as usize;
+        if length < NLMSG_HEADER_LEN || length > rest.len() {
+            return Some(Err(format!(
+                "expected a netlink message header with a length of {NLMSG_HEADER_LEN} to {} bytes, found {length}",
+                rest.len()
+            )));
+        }
+        self.rest = rest.get(length.next_multiple_of(4)..).unwrap_or_default();
+        Some(Ok(RawMessage {
+            message_type: field16(4),
+            flags: field16(6),
+            sequence_number: field32(8),
+            payload: &rest[NLMSG_HEADER_LEN..length],
+            bytes: &rest[..length],
+        }))
+    }
+}
+
 fn netlink_error(query: Query, message: String) -> ObserveError {
     ObserveError::Netlink {
         channel: query.channel().into(),
@@ -311,9 +437,8 @@ fn netlink_error(query: Query, message: String) -> ObserveError {
     }
 }
 
-/// What a kernel error code (negative errno in `NLMSG_ERROR`/`NLMSG_DONE`) means here.
-fn errno_message(code: i32) -> String {
-    let errno = code.checked_neg().filter(|e| *e > 0).unwrap_or(code);
+/// What a kernel error (an errno from `NLMSG_ERROR`/`NLMSG_DONE`) means for ctnetlink.
+pub fn errno_message(errno: i32) -> String {
     let text = io::Error::from_raw_os_error(errno);
     let hint = match errno {
         libc::EPERM => ": ctnetlink needs CAP_NET_ADMIN in the socket's network namespace",
@@ -483,19 +608,23 @@ pub fn ctnetlink_available(
     }
 }
 
-/// An open ctnetlink socket for reading the stats of the network namespace it was opened
-/// in. Open it inside a namespace with [`crate::netns::run_in`], read it from anywhere.
+/// A synchronous netlink socket bound to the network namespace of the thread that opened
+/// it, with one reused receive buffer. The transport under every netlink reader here.
 #[derive(Debug)]
-pub struct CtnetlinkStats {
+pub struct NetlinkSocket {
     socket: Socket,
     sequence_number: u32,
     buffer: Vec<u8>,
 }
 
-impl CtnetlinkStats {
+/// The receive buffer's starting size: above the 32 KiB the kernel caps dump datagrams
+/// at, so a dump is received in one `recv` per datagram and the buffer never grows.
+const RECEIVE_BUFFER_BYTES: usize = 64 * 1024;
+
+impl NetlinkSocket {
     /// Opens a `NETLINK_NETFILTER` socket in the calling thread's network namespace,
     /// after checking that doing so loads no kernel module.
-    pub fn open() -> Result<Self, ObserveError> {
+    pub fn open_ctnetlink() -> Result<Self, ObserveError> {
         const CHANNEL: &str = "ctnetlink";
         let failed = |message: String| ObserveError::Netlink {
             channel: CHANNEL.into(),
@@ -514,22 +643,109 @@ impl CtnetlinkStats {
                     .ok()
             });
         ctnetlink_available(proc_modules.as_deref(), modules_builtin.as_deref()).map_err(failed)?;
+        NetlinkSocket::open(NETLINK_NETFILTER).map_err(failed)
+    }
 
-        let mut socket = Socket::new(NETLINK_NETFILTER)
-            .map_err(|e| failed(format!("cannot open a NETLINK_NETFILTER socket: {e}")))?;
+    /// Opens a socket of any netlink `protocol` in the calling thread's namespace, with
+    /// the reply timeout set. Errors say which step failed.
+    pub fn open(protocol: isize) -> Result<Self, String> {
+        let mut socket = Socket::new(protocol)
+            .map_err(|e| format!("cannot open a netlink socket (protocol {protocol}): {e}"))?;
         socket
             .bind_auto()
-            .map_err(|e| failed(format!("cannot bind the netlink socket: {e}")))?;
+            .map_err(|e| format!("cannot bind the netlink socket: {e}"))?;
         socket
             .connect(&SocketAddr::new(0, 0))
-            .map_err(|e| failed(format!("cannot connect to the kernel: {e}")))?;
+            .map_err(|e| format!("cannot connect to the kernel: {e}"))?;
         let timeout = nix::sys::time::TimeVal::new(REPLY_TIMEOUT.as_secs() as _, 0);
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
-            .map_err(|e| failed(format!("cannot set the receive timeout: {e}")))?;
-        Ok(CtnetlinkStats {
+            .map_err(|e| format!("cannot set the receive timeout: {e}"))?;
+        Ok(NetlinkSocket {
             socket,
             sequence_number: 0,
-            buffer: Vec::new(),
+            buffer: vec![0; RECEIVE_BUFFER_BYTES],
+        })
+    }
+
+    /// Raises the kernel's receive queue limit to `bytes`: past `net.core.rmem_max` when
+    /// we may (SO_RCVBUFFORCE needs CAP_NET_ADMIN), else as far as rmem_max allows.
+    pub fn set_receive_queue(&self, bytes: usize) -> Result<(), String> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        setsockopt(&self.socket, sockopt::RcvBufForce, &bytes)
+            .or_else(|_| setsockopt(&self.socket, sockopt::RcvBuf, &bytes))
+            .map_err(|e| format!("cannot set SO_RCVBUF to {bytes}: {e}"))
+    }
+
+    /// Discards stale replies, then sends `request` under a fresh sequence number, which
+    /// it returns. `request` builds the bytes for a sequence number.
+    pub fn send(&mut self, request: impl FnOnce(u32) -> Vec<u8>) -> Result<u32, String> {
+        self.drain()?;
+        self.sequence_number = self.sequence_number.wrapping_add(1);
+        self.socket
+            .send(&request(self.sequence_number), 0)
+            .map_err(|e| format!("cannot send the request: {e}"))?;
+        Ok(self.sequence_number)
+    }
+
+    /// Discards whatever an earlier, failed read left queued. A dump the kernel has not
+    /// finished only moves on when we receive, and a new dump request on a socket with a
+    /// dump still running fails with EBUSY; receiving the leftovers lets it finish.
+    pub fn drain(&mut self) -> Result<(), String> {
+        // Bounded so a misbehaving kernel cannot keep us here; an abandoned dump of the
+        // largest tables takes far fewer datagrams.
+        for _ in 0..1 << 20 {
+            let discarded =
+                retry_interrupted(|| self.socket.recv(&mut &mut [0u8; 0][..], libc::MSG_DONTWAIT));
+            match discarded {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(format!("cannot discard stale replies: {e}")),
+            }
+        }
+        Err("expected the socket to run empty, but stale replies kept coming".into())
+    }
+
+    /// Receives one whole datagram into the reused buffer, however large: it peeks at the
+    /// datagram's size with the whole buffer offered (so the kernel sizes dump datagrams
+    /// to it) and grows the buffer in the rare case it is too small.
+    pub fn receive(&mut self) -> io::Result<&[u8]> {
+        loop {
+            let size = retry_interrupted(|| {
+                self.socket
+                    .recv(&mut &mut self.buffer[..], libc::MSG_PEEK | libc::MSG_TRUNC)
+            })?;
+            if size <= self.buffer.len() {
+                break;
+            }
+            self.buffer.resize(size, 0);
+        }
+        let received = retry_interrupted(|| self.socket.recv(&mut &mut self.buffer[..], 0))?;
+        Ok(&self.buffer[..received])
+    }
+}
+
+/// How a receive error reads in a report.
+pub fn receive_error_message(e: &io::Error) -> String {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        format!("no reply within {} s", REPLY_TIMEOUT.as_secs())
+    } else {
+        format!("cannot receive the reply: {e}")
+    }
+}
+
+/// An open ctnetlink socket for reading the stats of the network namespace it was opened
+/// in. Open it inside a namespace with [`crate::netns::run_in`], read it from anywhere.
+#[derive(Debug)]
+pub struct CtnetlinkStats {
+    socket: NetlinkSocket,
+}
+
+impl CtnetlinkStats {
+    /// Opens a `NETLINK_NETFILTER` socket in the calling thread's network namespace,
+    /// after checking that doing so loads no kernel module.
+    pub fn open() -> Result<Self, ObserveError> {
+        Ok(CtnetlinkStats {
+            socket: NetlinkSocket::open_ctnetlink()?,
         })
     }
 
@@ -542,68 +758,17 @@ impl CtnetlinkStats {
 
     /// Sends one request and collects its replies.
     fn exchange(&mut self, query: Query) -> Result<Vec<StatsBody>, ObserveError> {
-        self.drain(query)?;
-        self.sequence_number = self.sequence_number.wrapping_add(1);
-        let request = query.request(self.sequence_number);
-        self.socket
-            .send(&request, 0)
-            .map_err(|e| netlink_error(query, format!("cannot send the request: {e}")))?;
-        let mut replies = Replies::new(query, self.sequence_number);
+        let failed = |message: String| netlink_error(query, message);
+        let sequence_number = self.socket.send(|seq| query.request(seq)).map_err(failed)?;
+        let mut replies = Replies::new(query, sequence_number);
         while !replies.finished() {
-            self.receive(query)?;
-            replies.feed(&self.buffer)?;
+            let datagram = self
+                .socket
+                .receive()
+                .map_err(|e| failed(receive_error_message(&e)))?;
+            replies.feed(datagram)?;
         }
         Ok(replies.bodies)
-    }
-
-    /// Discards whatever an earlier, failed read left queued. A dump the kernel has not
-    /// finished only moves on when we receive, and a new dump request on a socket with a
-    /// dump still running fails with EBUSY; receiving the leftovers lets it finish.
-    fn drain(&mut self, query: Query) -> Result<(), ObserveError> {
-        // Bounded so a misbehaving kernel cannot keep us here; a dump of even thousands of
-        // CPUs takes far fewer datagrams.
-        for _ in 0..4096 {
-            let discarded =
-                retry_interrupted(|| self.socket.recv(&mut &mut [0u8; 0][..], libc::MSG_DONTWAIT));
-            match discarded {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => {
-                    return Err(netlink_error(
-                        query,
-                        format!("cannot discard stale replies: {e}"),
-                    ));
-                }
-            }
-        }
-        Err(netlink_error(
-            query,
-            "expected the socket to run empty, but stale replies kept coming".into(),
-        ))
-    }
-
-    /// Receives one whole datagram into `self.buffer`, however large (peeking at its size
-    /// first, so a dump is never truncated).
-    fn receive(&mut self, query: Query) -> Result<(), ObserveError> {
-        let failed = |e: io::Error| {
-            let message = if e.kind() == io::ErrorKind::WouldBlock {
-                format!("no reply within {} s", REPLY_TIMEOUT.as_secs())
-            } else {
-                format!("cannot receive the reply: {e}")
-            };
-            netlink_error(query, message)
-        };
-        let size = retry_interrupted(|| {
-            self.socket
-                .recv(&mut &mut [0u8; 0][..], libc::MSG_PEEK | libc::MSG_TRUNC)
-        })
-        .map_err(failed)?;
-        self.buffer.clear();
-        self.buffer.resize(size, 0);
-        let received =
-            retry_interrupted(|| self.socket.recv(&mut &mut self.buffer[..], 0)).map_err(failed)?;
-        self.buffer.truncate(received);
-        Ok(())
     }
 }
 

@@ -9,6 +9,8 @@ fetches those bytes. Readers never load kernel modules and never write anything.
   `ip_conntrack_*` paths as a fallback), read by `pread` on files kept open.
 - [`stat`]: `/proc/net/stat/nf_conntrack`, per-CPU hex rows summed by column *name*.
 - [`ctnetlink`]: the same counters over ctnetlink.
+- [`table`]: what fills the table (a streamed ctnetlink dump) and which hot ports
+  NOTRACK could safely take out of it.
 - [`kmsg`]: `/dev/kmsg` records and their classification into [`KernelEvent`]s;
   [`kmsg_follower`] is the async reader.
 - [`memory`]: MemTotal, the conntrack entry size, and the RAM ceilings derived from them.
@@ -23,6 +25,7 @@ pub mod memory;
 pub mod sampler;
 pub mod stat;
 pub mod sysctl;
+pub mod table;
 
 use crate::knob::TimeoutKnob;
 use serde::{Deserialize, Serialize};

@@ -12,6 +12,7 @@ mod loadgen;
 mod notrack;
 mod rollback;
 mod status;
+mod table;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -26,6 +27,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(daemon::TESTS);
     all.extend(status::TESTS);
     all.extend(notrack::TESTS);
+    all.extend(table::TESTS);
     all
 }
 

@@ -1,0 +1,121 @@
+//! `ctguard top` on a real lab table: a hot UDP port, a hot TCP port and a DNAT'd port,
+//! each with a known number of flows, read by the built binary with `--netns`.
+
+use crate::lab::{LabNetns, run};
+use ctguard::netns::run_in;
+use serde_json::Value;
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::process::Command;
+
+pub const TESTS: &[(&str, fn())] = &[(
+    "table_top_shows_hot_ports_and_refuses_nat",
+    top_shows_hot_ports_and_refuses_nat,
+)];
+
+const UDP_FLOWS: u16 = 3000;
+const TCP_FLOWS: u16 = 1000;
+const NAT_FLOWS: u16 = 400;
+
+/// One UDP datagram from each of `count` source ports starting at `first_source` to
+/// 127.0.0.1:`port`: one entry each (nothing listens; the entries stay unreplied).
+fn udp_flows(first_source: u16, count: u16, port: u16) {
+    for source in first_source..first_source + count {
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, source)).unwrap();
+        socket
+            .send_to(b"ctguard", (Ipv4Addr::LOCALHOST, port))
+            .unwrap();
+    }
+}
+
+/// `count` established connections to a listener on 127.0.0.1:8080, both ends kept open
+/// (returned) so the entries stay ESTABLISHED while the test reads them.
+fn tcp_flows(count: u16) -> Vec<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap();
+    (0..count)
+        .map(|_| {
+            let client = TcpStream::connect((Ipv4Addr::LOCALHOST, 8080)).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            (client, server)
+        })
+        .collect()
+}
+
+fn top_json(lab: &LabNetns) -> Value {
+    let out =
+        run(Command::new(env!("CARGO_BIN_EXE_ctguard"))
+            .args(["top", "--netns", &lab.name, "--json"]));
+    serde_json::from_slice(&out.stdout).expect("top --json prints one JSON object")
+}
+
+fn top_shows_hot_ports_and_refuses_nat() {
+    let lab = LabNetns::new("table");
+    lab.nft(
+        "table ip nat {\n chain out {\n type nat hook output priority -100;\n udp dport 9999 dnat to 127.0.0.1:7777\n }\n}\n",
+    );
+    let _connections = run_in(&lab.path, || {
+        udp_flows(20_000, UDP_FLOWS, 5353);
+        udp_flows(30_000, NAT_FLOWS, 9999);
+        tcp_flows(TCP_FLOWS)
+    })
+    .unwrap();
+
+    let report = top_json(&lab);
+    println!("{report}");
+    let total = u64::from(UDP_FLOWS + TCP_FLOWS + NAT_FLOWS);
+    assert_eq!(report["total"], total);
+    assert_eq!(lab.sysctl("nf_conntrack_count"), total);
+    let ports = report["ports"].as_array().unwrap();
+    let row = |i: usize| {
+        let p = &ports[i];
+        (
+            p["proto"].as_str().unwrap().to_string(),
+            p["port"].as_u64().unwrap(),
+            p["entries"].as_u64().unwrap(),
+            p["eligible"].as_bool().unwrap(),
+        )
+    };
+    assert_eq!(row(0), ("udp".into(), 5353, u64::from(UDP_FLOWS), true));
+    assert_eq!(row(1), ("tcp".into(), 8080, u64::from(TCP_FLOWS), true));
+    assert_eq!(row(2), ("udp".into(), 9999, u64::from(NAT_FLOWS), false));
+    let reason = ports[2]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("{NAT_FLOWS} flows are NAT'd")),
+        "{reason}"
+    );
+    assert_eq!(ports.len(), 3, "no other port has entries");
+    let established = report["tcp_states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["state"] == "ESTABLISHED")
+        .expect("ESTABLISHED in tcp_states");
+    assert_eq!(established["entries"], u64::from(TCP_FLOWS));
+
+    compare_with_conntrack_tool(&lab, ports);
+}
+
+/// `conntrack -L` lists the same table as text; its per-port counts must match.
+fn compare_with_conntrack_tool(lab: &LabNetns, ports: &[Value]) {
+    let tool_works = lab
+        .exec(&["conntrack", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !tool_works {
+        println!("conntrack is not installed: skipping the conntrack -L comparison");
+        return;
+    }
+    let out = run(&mut lab.exec(&["conntrack", "-L"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for port in ports {
+        let proto = port["proto"].as_str().unwrap();
+        let dport = format!("dport={}", port["port"]);
+        let listed = text
+            .lines()
+            .filter(|line| {
+                line.starts_with(proto)
+                    && line.split_whitespace().find(|w| w.starts_with("dport=")) == Some(&dport)
+            })
+            .count();
+        assert_eq!(port["entries"], listed as u64, "{proto} {dport}");
+    }
+}
