@@ -259,10 +259,17 @@ fn drift() {
     assert!(daemon.log().contains("drift during an incident"));
 
     // At rest (table mostly empty, changes still in force), a manual value is left alone.
-    assert!(wait_until(Duration::from_secs(60), || {
+    let at_rest = wait_until(Duration::from_secs(90), || {
         lab.collect_expired();
         lab.sysctl("nf_conntrack_count") * 4 < read_global("nf_conntrack_max")
-    }));
+    });
+    assert!(
+        at_rest,
+        "count {} max {}:\n{}",
+        lab.sysctl("nf_conntrack_count"),
+        read_global("nf_conntrack_max"),
+        daemon.log()
+    );
     std::thread::sleep(Duration::from_millis(500));
     let established = format!("/proc/sys/net/netfilter/{ESTABLISHED}");
     ctguard::netns::run_in(&lab.path, || std::fs::write(&established, "7777"))
