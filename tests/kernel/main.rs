@@ -9,6 +9,7 @@ mod kmsg;
 mod lab;
 mod loadgen;
 mod notrack;
+mod record;
 mod rollback;
 mod status;
 
@@ -24,6 +25,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(ctnetlink::TESTS);
     all.extend(status::TESTS);
     all.extend(notrack::TESTS);
+    all.extend(record::TESTS);
     all
 }
 
