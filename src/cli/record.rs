@@ -7,11 +7,13 @@
 //! stamped with its offset since the start. With `--netns`, table-full events that name
 //! another namespace are left out: the kernel log is shared by the whole host.
 //!
-//! Recording stops after `--duration` or at Ctrl-C. The sources must open at the start; a
-//! source that fails later is logged (once per distinct error) and recording goes on
-//! without it until it reads again. The header and host lines are flushed as soon as
-//! every source is open, so a watcher can tell recording has begun; the rest is flushed
-//! and synced at the end. An existing file is never overwritten without `--force`.
+//! Recording stops after `--duration` or at Ctrl-C. The sampler must open at the start
+//! (without count and max there is nothing to record). Any other failure, or a sampler
+//! failure later on, is logged (once per distinct error) and recording goes on without
+//! that source; the kernel log is reopened on the next interval. The header and host
+//! lines are flushed as soon as the sources are open, so a watcher can tell recording has
+//! begun; the rest is flushed and synced at the end. An existing file is never
+//! overwritten without `--force`.
 
 use crate::netns;
 use crate::observe::kmsg::KmsgEvent;
