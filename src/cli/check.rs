@@ -6,7 +6,10 @@
 //! would set if it fired now.
 
 use crate::engine::plan_raise;
-use crate::observe::memory::{EntrySizeSource, FALLBACK_ENTRY_BYTES, HostMemory};
+use crate::knob::Knob;
+use crate::observe::ObserveError;
+use crate::observe::memory::HostMemory;
+use crate::observe::sysctl;
 use crate::policy::{Mode, Policy};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -19,15 +22,15 @@ pub struct CheckArgs {
 }
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let host = read_host_memory();
+    let host = HostMemory::read();
     let table = read_table();
     let mut all_valid = true;
     if args.files.is_empty() {
-        report(&Policy::embedded_default(), host.as_ref(), table);
+        report(&Policy::embedded_default(), &host, &table);
     }
     for path in &args.files {
         match load(path) {
-            Ok(policy) => report(&policy, host.as_ref(), table),
+            Ok(policy) => report(&policy, &host, &table),
             Err(err) => {
                 eprintln!("{err:#}");
                 all_valid = false;
@@ -47,15 +50,22 @@ fn load(path: &Path) -> anyhow::Result<Policy> {
     Ok(Policy::from_toml(&text, &name)?)
 }
 
-fn report(policy: &Policy, host: Option<&HostMemory>, table: Option<TableNow>) {
+fn report(
+    policy: &Policy,
+    host: &Result<HostMemory, ObserveError>,
+    table: &Result<TableNow, ObserveError>,
+) {
     println!("{}: valid", policy.source);
     for line in policy.to_string().lines() {
         println!("  {line}");
     }
-    let Some(host) = host else {
-        println!("  on this host: MemTotal unreadable; RAM ceiling unknown");
-        println!();
-        return;
+    let host = match host {
+        Ok(host) => host,
+        Err(err) => {
+            println!("  on this host: MemTotal unreadable ({err}); RAM ceiling unknown");
+            println!();
+            return;
+        }
     };
     let raise = &policy.stages.raise_limits;
     let ceiling = raise.ceiling(host);
@@ -71,7 +81,7 @@ fn report(policy: &Policy, host: Option<&HostMemory>, table: Option<TableNow>) {
         ceiling.budget_bytes, ceiling.ram_entries, ceiling.max
     );
     match table {
-        Some(t) => {
+        Ok(t) => {
             let plan = plan_raise(raise, host, t.count, t.max, t.buckets, true);
             let carried_out = match policy.mode {
                 Mode::Enforce => "",
@@ -90,29 +100,11 @@ fn report(policy: &Policy, host: Option<&HostMemory>, table: Option<TableNow>) {
                 plan.describe()
             );
         }
-        None => println!("  table now: unreadable (is connection tracking active?)"),
+        Err(err) => {
+            println!("  table now: unreadable ({err}; is connection tracking active?)")
+        }
     }
     println!();
-}
-
-/// MemTotal from `/proc/meminfo`, with the fallback entry size. A stand-in until the
-/// observe layer's `HostMemory` reader (slabinfo entry size) is wired in here.
-fn read_host_memory() -> Option<HostMemory> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(HostMemory {
-        mem_total_bytes: kib * 1024,
-        entry_bytes: FALLBACK_ENTRY_BYTES,
-        entry_bytes_source: EntrySizeSource::Fallback,
-        pointer_bits: usize::BITS,
-    })
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -122,18 +114,13 @@ struct TableNow {
     buckets: Option<u64>,
 }
 
-/// The table's count, max and buckets, read directly for now (see `read_host_memory`).
-fn read_table() -> Option<TableNow> {
-    let read = |file: &str| -> Option<u64> {
-        std::fs::read_to_string(Path::new("/proc/sys/net/netfilter").join(file))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    };
-    Some(TableNow {
-        count: read("nf_conntrack_count")?,
-        max: read(crate::knob::Knob::Max.sysctl_file())?,
-        buckets: read(crate::knob::Knob::Buckets.sysctl_file()),
+/// The table's count, max and buckets in this namespace, read once. Buckets are optional
+/// (old kernels lack the sysctl); count and max are not.
+fn read_table() -> Result<TableNow, ObserveError> {
+    let root = Path::new(sysctl::DEFAULT_ROOT);
+    Ok(TableNow {
+        count: sysctl::read_count(root)?,
+        max: sysctl::read_knob(root, Knob::Max)?,
+        buckets: sysctl::read_knob(root, Knob::Buckets).ok(),
     })
 }

@@ -10,6 +10,7 @@ mod kmsg;
 mod lab;
 mod loadgen;
 mod notrack;
+mod record;
 mod rollback;
 mod status;
 mod table;
@@ -28,6 +29,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(status::TESTS);
     all.extend(notrack::TESTS);
     all.extend(table::TESTS);
+    all.extend(record::TESTS);
     all
 }
 
