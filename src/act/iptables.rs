@@ -13,8 +13,7 @@ address family ([`IptablesBackend::ipv4`], [`IptablesBackend::ipv6`]).
 */
 
 use super::notrack::{
-    NotrackBackend, NotrackChange, NotrackError, NotrackPort, describe, program, run_tool,
-    status_text,
+    NotrackBackend, NotrackChange, NotrackError, PortKey, describe, program, run_tool, status_text,
 };
 use std::path::PathBuf;
 
@@ -31,8 +30,8 @@ enum Op {
 
 /// The rules that NOTRACK one port, as `(chain, match)` (see [`super::notrack`] for why
 /// these three).
-fn rules(port: NotrackPort) -> [(&'static str, String); 3] {
-    let p = port.proto.as_str();
+fn rules(port: PortKey) -> [(&'static str, String); 3] {
+    let p = port.proto.name();
     let n = port.port;
     [
         ("PREROUTING", format!("-p {p} -m {p} --dport {n}")),
@@ -59,7 +58,7 @@ fn raw_transaction(lines: impl IntoIterator<Item = String>) -> String {
 }
 
 /// Appends or deletes the rules of `ports`, one transaction.
-fn restore_text(op: Op, ports: &[NotrackPort]) -> String {
+fn restore_text(op: Op, ports: &[PortKey]) -> String {
     raw_transaction(
         ports
             .iter()
@@ -137,7 +136,7 @@ impl NotrackBackend for IptablesBackend {
     /// timeout is ignored: these rules never expire).
     fn apply(&mut self, changes: &[NotrackChange]) -> Result<(), NotrackError> {
         changes.iter().try_for_each(NotrackChange::check)?;
-        let ports: Vec<NotrackPort> = changes.iter().map(NotrackChange::target).collect();
+        let ports: Vec<PortKey> = changes.iter().map(NotrackChange::target).collect();
         // Without listing the table there is no "append unless present": remove first.
         self.remove(&ports)?;
         if ports.is_empty() {
@@ -149,7 +148,7 @@ impl NotrackBackend for IptablesBackend {
     /// Deletes the ports' rules. All at once when they are all there; otherwise rule by
     /// rule, skipping the ones already gone (a delete of a missing rule fails the whole
     /// restore).
-    fn remove(&mut self, ports: &[NotrackPort]) -> Result<(), NotrackError> {
+    fn remove(&mut self, ports: &[PortKey]) -> Result<(), NotrackError> {
         if ports.is_empty() || self.restore(&restore_text(Op::Delete, ports))? {
             return Ok(());
         }
@@ -167,11 +166,11 @@ mod tests {
     use super::*;
     use crate::act::notrack::Proto;
 
-    const DNS: NotrackPort = NotrackPort {
+    const DNS: PortKey = PortKey {
         proto: Proto::Udp,
         port: 5353,
     };
-    const WEB: NotrackPort = NotrackPort {
+    const WEB: PortKey = PortKey {
         proto: Proto::Tcp,
         port: 8080,
     };

@@ -16,8 +16,8 @@ kernel (`tests/fixtures/nft/`); [`NftBackend`] only adds running nft in the name
 */
 
 use super::notrack::{
-    NotrackBackend, NotrackChange, NotrackError, NotrackPort, NotrackedPort, Proto, describe,
-    program, run_tool, status_text,
+    NotrackBackend, NotrackChange, NotrackError, NotrackedPort, PortKey, Proto, describe, program,
+    run_tool, status_text,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -176,7 +176,7 @@ fn port_in_set(proto: Proto, field: &str) -> Stmt {
     eq(
         Expr::Payload {
             payload: Payload {
-                protocol: proto.as_str().into(),
+                protocol: proto.name().into(),
                 field: field.into(),
             },
         },
@@ -331,7 +331,7 @@ fn apply_changes(changes: &[NotrackChange]) -> Vec<Cmd> {
 
 /// Removes the ports; adding them first (with a 1 s timeout, in case the transaction were
 /// ever cut short) makes the delete succeed for ports already gone or expired.
-fn remove_ports(ports: &[NotrackPort]) -> Vec<Cmd> {
+fn remove_ports(ports: &[PortKey]) -> Vec<Cmd> {
     let mut sets: BTreeMap<Proto, BTreeMap<u16, u32>> = BTreeMap::new();
     for p in ports {
         sets.entry(p.proto).or_default().insert(p.port, 1);
@@ -499,7 +499,7 @@ fn listed_port(proto: Proto, elem: ListedElem) -> NotrackedPort {
         ListedElem::Bare(port) => (port, None, None),
     };
     NotrackedPort {
-        target: NotrackPort { proto, port },
+        target: PortKey { proto, port },
         timeout: timeout.map(Duration::from_secs),
         expires: expires.map(Duration::from_secs),
     }
@@ -587,10 +587,7 @@ impl NftBackend {
 
     /// Removes `ports` (absent ones are fine).
     pub fn remove_ports(&mut self, proto: Proto, ports: &[u16]) -> Result<(), NotrackError> {
-        let targets: Vec<NotrackPort> = ports
-            .iter()
-            .map(|&port| NotrackPort { proto, port })
-            .collect();
+        let targets: Vec<PortKey> = ports.iter().map(|&port| PortKey { proto, port }).collect();
         self.remove(&targets)
     }
 
@@ -671,7 +668,7 @@ impl NotrackBackend for NftBackend {
         self.transaction(apply_changes(changes))
     }
 
-    fn remove(&mut self, ports: &[NotrackPort]) -> Result<(), NotrackError> {
+    fn remove(&mut self, ports: &[PortKey]) -> Result<(), NotrackError> {
         if ports.is_empty() {
             return Ok(());
         }
@@ -725,7 +722,7 @@ mod tests {
 
     #[test]
     fn remove_adds_then_deletes_so_absent_ports_are_fine() {
-        let sent = json(remove_ports(&[NotrackPort {
+        let sent = json(remove_ports(&[PortKey {
             proto: Proto::Tcp,
             port: 8080,
         }]));

@@ -3,7 +3,7 @@ NOTRACK: exempting a hot port's traffic from connection tracking, so a flood on 
 cannot fill the table.
 
 This module holds what the backends share: the change a caller journals
-([`NotrackChange`], undone by removing its [`NotrackPort`]), the [`NotrackBackend`] trait,
+([`NotrackChange`], undone by removing its [`PortKey`]), the [`NotrackBackend`] trait,
 the error type, and the one way backends run their tool (inside the target network
 namespace, input on stdin, never through a shell).
 
@@ -21,50 +21,12 @@ probe that cannot see what remote clients see.
 */
 
 use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-/// The transport protocol of a NOTRACKed port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    pub const ALL: [Proto; 2] = [Proto::Tcp, Proto::Udp];
-
-    /// The protocol's name as nft and iptables spell it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        }
-    }
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One port whose traffic is (or may be) exempted from tracking: what a rollback removes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct NotrackPort {
-    pub proto: Proto,
-    pub port: u16,
-}
-
-impl fmt::Display for NotrackPort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.proto, self.port)
-    }
-}
+pub use crate::port::{PortKey, Proto};
 
 /// One NOTRACK change, small enough to journal before it is made: exempt `proto/port` for
 /// `timeout_secs` from now (adding it, or restarting its timeout if present). Undone
@@ -108,8 +70,8 @@ impl NotrackChange {
     }
 
     /// What to remove to undo this change.
-    pub fn target(&self) -> NotrackPort {
-        NotrackPort {
+    pub fn target(&self) -> PortKey {
+        PortKey {
             proto: self.proto,
             port: self.port,
         }
@@ -136,7 +98,7 @@ impl NotrackChange {
 /// A port that is NOTRACKed now, as read back from the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotrackedPort {
-    pub target: NotrackPort,
+    pub target: PortKey,
     /// The timeout the element was (last) added with; `None` for an element without one
     /// (not made by ctguard).
     pub timeout: Option<Duration>,
@@ -157,7 +119,7 @@ pub trait NotrackBackend {
     fn expires_by_itself(&self) -> bool;
     fn install(&mut self) -> Result<(), NotrackError>;
     fn apply(&mut self, changes: &[NotrackChange]) -> Result<(), NotrackError>;
-    fn remove(&mut self, ports: &[NotrackPort]) -> Result<(), NotrackError>;
+    fn remove(&mut self, ports: &[PortKey]) -> Result<(), NotrackError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -275,7 +237,7 @@ mod tests {
         assert_eq!(c.timeout_secs, 3);
         assert_eq!(
             c.target(),
-            NotrackPort {
+            PortKey {
                 proto: Proto::Udp,
                 port: 5353
             }

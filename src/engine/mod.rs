@@ -37,6 +37,7 @@ use crate::knob::{Knob, TimeoutKnob};
 use crate::observe::memory::HostMemory;
 use crate::observe::{ConntrackSample, KernelEvent};
 use crate::policy::{EvictState, Level, Mode, Policy, StageKind};
+pub use crate::port::{PortKey, Proto};
 use levels::{LevelTracker, lost_between};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
@@ -60,35 +61,6 @@ pub struct IncidentId(pub u64);
 impl fmt::Display for IncidentId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "incident-{}", self.0)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    pub fn name(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        }
-    }
-}
-
-/// A destination port of one protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct PortKey {
-    pub proto: Proto,
-    pub port: u16,
-}
-
-impl fmt::Display for PortKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.proto.name(), self.port)
     }
 }
 

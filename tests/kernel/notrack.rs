@@ -6,7 +6,7 @@
 use crate::lab::{LabNetns, run};
 use ctguard::act::iptables::IptablesBackend;
 use ctguard::act::nft::NftBackend;
-use ctguard::act::notrack::{NotrackBackend, NotrackChange, NotrackPort, Proto};
+use ctguard::act::notrack::{NotrackBackend, NotrackChange, PortKey, Proto};
 use ctguard::act::probe::TcpProbe;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
@@ -281,7 +281,7 @@ fn probe_catches_untracked_drop() {
     assert!(seen.broke_service(), "{seen:?}");
 
     // The caller's revert: removing the port brings the service back.
-    nft.remove(&[NotrackPort {
+    nft.remove(&[PortKey {
         proto: Proto::Tcp,
         port: HOT_TCP,
     }])
