@@ -72,3 +72,47 @@ fn a_failed_change_waits_for_cooldown_plus_backoff() {
     assert_eq!(retry.len(), 1, "no retry after the back-off");
     assert_eq!(retry[0].stage, d[0].stage);
 }
+
+#[test]
+fn notrack_is_renewed_at_half_its_lifetime_while_pressure_lasts() {
+    use ctguard::engine::{PortLoad, Proto};
+    let text = std::fs::read_to_string("policies/web-server.toml").unwrap();
+    let policy = Policy::from_toml(&text, "web-server.toml").unwrap();
+    let expiry = policy.stages.notrack_hot_ports.as_ref().unwrap().expiry;
+    let mut e = Engine::new(policy, default_host());
+    let hot = vec![PortLoad {
+        proto: Proto::Tcp,
+        port: 443,
+        entries: 200_000,
+        nat_or_forwarded: false,
+    }];
+    e.observe(secs(0), Input::HotPorts(hot.clone()));
+    // Every other stage is refused here, so NOTRACK comes at once.
+    let mut pending = e.observe(secs(0), sample(262_144, 262_144));
+    let mut notracked_at = None;
+    while let Some(d) = pending.pop() {
+        let outcome = if matches!(d.action, Action::Notrack { .. }) {
+            notracked_at = Some(secs(0));
+            Outcome::Applied
+        } else {
+            Outcome::NotPermitted("not in this test".into())
+        };
+        pending.extend(e.outcome(secs(0), d.id, outcome));
+    }
+    assert!(notracked_at.is_some(), "{:?}", e.state());
+
+    // Pressure persists: a renewal comes once half the lifetime has passed, not before.
+    let half = expiry / 2;
+    let early = e.observe(half - secs(5), sample(262_144, 262_144));
+    assert!(
+        !early.iter().any(|d| d.reason.contains("renew")),
+        "{early:?}"
+    );
+    let renewal = e.observe(half, sample(262_144, 262_144));
+    assert!(
+        matches!(&renewal[..], [d] if d.reason.contains("renew NOTRACK tcp/443")),
+        "{renewal:?}"
+    );
+    assert!(e.outcome(half, renewal[0].id, Outcome::Applied).is_empty());
+    assert_eq!(e.state().notracked.len(), 1);
+}

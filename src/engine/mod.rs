@@ -536,7 +536,7 @@ impl Engine {
         let decision = if self.policy.mode == Mode::Observe {
             None
         } else {
-            self.escalate(now)
+            self.refresh_notrack(now).or_else(|| self.escalate(now))
         };
         let decision = decision.or_else(|| self.roll_back(now));
         if decision.is_none() {
@@ -649,6 +649,36 @@ impl Engine {
         }
         let used: u32 = self.recent_changes.iter().map(|&(_, n)| n).sum();
         self.policy.rate_limit.max_changes.saturating_sub(used)
+    }
+
+    /// While pressure lasts, NOTRACK exemptions are renewed before the kernel expires
+    /// them (at half their lifetime). At rest they are left to expire: if ctguard dies, the
+    /// kernel removes them by itself all the same.
+    fn refresh_notrack(&mut self, now: Duration) -> Option<Decision> {
+        let expiry = self.policy.stages.notrack_hot_ports.as_ref()?.expiry;
+        if self.level == Level::Normal {
+            return None;
+        }
+        let mut due: Vec<PortKey> = self
+            .notracked
+            .iter()
+            .filter(|(_, r)| !r.dry_run && r.expires_at.saturating_sub(now) <= expiry / 2)
+            .map(|(&k, _)| k)
+            .collect();
+        let room = self.rate_limit_room(now) as usize;
+        due.truncate(room);
+        if due.is_empty() {
+            return None;
+        }
+        let what: Vec<String> = due.iter().map(PortKey::to_string).collect();
+        let reason = format!(
+            "{}: renew NOTRACK {} for {}",
+            self.pressure_summary(now),
+            what.join(", "),
+            humantime::format_duration(expiry)
+        );
+        let action = Action::Notrack { ports: due, expiry };
+        Some(self.emit(now, StageKind::NotrackHotPorts, action, reason, false))
     }
 
     fn escalate(&mut self, now: Duration) -> Option<Decision> {
