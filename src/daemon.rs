@@ -24,17 +24,22 @@ here" makes it try the next one).
 */
 
 use crate::act::executor::{ChangeRequest, ExecError, Executor, Reverted};
-use crate::act::recording::RecordingActuator;
+use crate::act::nft::NftBackend;
+use crate::act::notrack::{NotrackChange, PortKey};
+use crate::act::probe::TcpProbe;
+use crate::act::recording::{RecordingActuator, RecordingNotrack};
 use crate::act::sysctl::{Roots, SysctlActuator};
 use crate::act::{ActError, Actuator};
-use crate::engine::{Action, Change, Decision, Engine, Input, Outcome};
+use crate::engine::{Action, Change, Decision, Engine, Input, Outcome, PortLoad};
 use crate::journal::{EntryState, Journal, LiveState};
 use crate::knob::Knob;
 use crate::observe::kmsg_follower::KmsgFollower;
 use crate::observe::memory::HostMemory;
 use crate::observe::sampler::Sampler;
+use crate::observe::table::{TableBreakdown, TableReader};
 use crate::observe::{ConntrackSample, KernelEvent};
 use crate::policy::{Level, Mode, Policy, StageKind};
+use crate::port::Proto;
 use anyhow::Context;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -106,7 +111,18 @@ struct Daemon {
     started: Instant,
     /// Drifts already reported, by (journal entry, live value).
     drift_seen: BTreeSet<(u64, u64)>,
+    /// The table analysis for the NOTRACK stage: runs on a blocking thread so a dump of a
+    /// large table never delays the reaction to a kernel signal.
+    analysis: Option<tokio::task::JoinHandle<Analysis>>,
+    table_reader: Option<TableReader>,
+    last_analysis: Option<Instant>,
 }
+
+/// A finished table analysis, with the reader handed back for the next one.
+type Analysis = (Option<TableReader>, Result<TableBreakdown, String>);
+
+/// How often the table is analysed while the engine wants hot ports.
+const ANALYSIS_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Daemon {
     fn start(options: Options) -> anyhow::Result<Daemon> {
@@ -127,16 +143,17 @@ impl Daemon {
         let (executor, rehearsal) = if options.dry_run || policy.mode == Mode::DryRun {
             let journal = Journal::open(&options.state_dir.join("dry-run"))?;
             let recording: Box<dyn Actuator + Send> = Box::new(RecordingActuator::new(actuator()));
-            (
-                None,
-                Some(Executor::new(recording, journal, options.netns.clone())),
-            )
+            let rehearsal = Executor::new(recording, journal, options.netns.clone())
+                .with_notrack(Box::new(RecordingNotrack::default()));
+            (None, Some(rehearsal))
         } else {
             match Journal::open(&options.state_dir) {
-                Ok(journal) => (
-                    Some(Executor::new(actuator(), journal, options.netns.clone())),
-                    None,
-                ),
+                Ok(journal) => {
+                    let nft = NftBackend::new(options.netns.clone());
+                    let executor = Executor::new(actuator(), journal, options.netns.clone())
+                        .with_notrack(Box::new(nft));
+                    (Some(executor), None)
+                }
                 Err(e) => {
                     error!(error = %e, "journal unusable: watching and reporting only");
                     policy.mode = Mode::Observe;
@@ -162,6 +179,9 @@ impl Daemon {
             rehearsal,
             started: Instant::now(),
             drift_seen: BTreeSet::new(),
+            analysis: None,
+            table_reader: None,
+            last_analysis: None,
         };
         daemon.adopt_previous_changes()?;
         Ok(daemon)
@@ -227,7 +247,9 @@ impl Daemon {
                 _ = interrupt.recv() => break,
                 _ = hangup.recv() => self.reload("SIGHUP"),
                 _ = policy_changes.changed() => self.reload("policy file changed"),
+                done = finished_analysis(&mut self.analysis) => self.hot_ports(done),
             }
+            self.maybe_start_analysis();
             if watchdog.is_some() {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
@@ -242,6 +264,13 @@ impl Daemon {
             );
         }
         self.carry_out(decisions);
+        if let Some(exec) = self.executor.as_mut() {
+            match exec.uninstall_notrack_if_unused() {
+                Ok(true) => info!("NOTRACK table removed"),
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "could not remove the NOTRACK table"),
+            }
+        }
         info!("ctguard stopped");
         Ok(())
     }
@@ -271,6 +300,55 @@ impl Daemon {
         let now = self.now();
         let decisions = self.engine.observe(now, Input::Kernel(event));
         self.carry_out(decisions);
+    }
+
+    /// Starts a table analysis when the engine would use one and none ran lately.
+    fn maybe_start_analysis(&mut self) {
+        let due = self
+            .last_analysis
+            .is_none_or(|t| t.elapsed() >= ANALYSIS_INTERVAL);
+        if self.analysis.is_some() || !due || !self.engine.state().wants_hot_ports {
+            return;
+        }
+        self.last_analysis = Some(Instant::now());
+        let reader = self.table_reader.take();
+        let netns = self.options.netns.clone();
+        self.analysis = Some(tokio::task::spawn_blocking(move || {
+            let reader = match reader {
+                Some(reader) => Ok(reader),
+                None => match &netns {
+                    Some(ns) => crate::netns::run_in(ns, TableReader::open)
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string())),
+                    None => TableReader::open().map_err(|e| e.to_string()),
+                },
+            };
+            match reader {
+                Ok(mut reader) => {
+                    let result = reader.read(0).map_err(|e| e.to_string());
+                    (Some(reader), result)
+                }
+                Err(e) => (None, Err(e)),
+            }
+        }));
+    }
+
+    fn hot_ports(&mut self, (reader, result): Analysis) {
+        self.table_reader = reader;
+        match result {
+            Ok(breakdown) => {
+                let ports = port_loads(&breakdown);
+                info!(
+                    total = breakdown.total,
+                    ports = ports.len(),
+                    "table analysed"
+                );
+                let now = self.now();
+                let decisions = self.engine.observe(now, Input::HotPorts(ports));
+                self.carry_out(decisions);
+            }
+            Err(e) => warn!(error = %e, "table analysis failed; NOTRACK has no data"),
+        }
     }
 
     fn reload(&mut self, why: &str) {
@@ -394,9 +472,8 @@ fn perform(
     match action {
         Action::Apply(changes) => apply_all(exec, stage, changes, incident, in_use),
         Action::Revert(changes) => revert_all(exec, changes, in_use),
-        Action::Notrack { .. } | Action::Untrack { .. } => {
-            Outcome::NotPermitted("NOTRACK is not available from the daemon in this build".into())
-        }
+        Action::Notrack { ports, expiry } => notrack_all(exec, stage, ports, *expiry, incident),
+        Action::Untrack { ports } => untrack_all(exec, ports),
         Action::Evict { .. } => {
             Outcome::NotPermitted("eviction is not available in this build".into())
         }
@@ -467,6 +544,89 @@ fn revert_all(exec: &mut BoxedExecutor, changes: &[Change], in_use: u64) -> Outc
         }
     }
     Outcome::Applied
+}
+
+/// Exempts ports from tracking, one at a time, each checked by a health probe: a TCP
+/// service that answered before and not after (a stateful filter dropping untracked
+/// packets) has its exemption removed at once and the stage fails with the reason.
+fn notrack_all(
+    exec: &mut BoxedExecutor,
+    stage: StageKind,
+    ports: &[PortKey],
+    expiry: Duration,
+    incident: u64,
+) -> Outcome {
+    for &port in ports {
+        let change = match NotrackChange::new(port.proto, port.port, expiry) {
+            Ok(change) => change,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        let probe = (port.proto == Proto::Tcp)
+            .then(|| TcpProbe::loopback(exec.netns().map(Path::to_path_buf), port.port));
+        let answered_before = probe.as_ref().is_some_and(|p| p.answers().unwrap_or(false));
+        let id = match exec.notrack(change, stage.name(), incident) {
+            Ok(id) => id,
+            Err(e) => return outcome_of(&e),
+        };
+        info!(entry = id, %port, expiry = %humantime::format_duration(expiry), "NOTRACK added");
+        if answered_before && !probe.as_ref().is_some_and(|p| p.answers().unwrap_or(false)) {
+            let why = format!(
+                "{port} stopped answering once untracked (a filter drops untracked packets?); \
+                 NOTRACK removed at once"
+            );
+            if let Err(e) = exec.untrack(id, Some(why.clone())) {
+                error!(entry = id, error = %e, "could not remove a harmful NOTRACK");
+            }
+            return Outcome::Failed(why);
+        }
+    }
+    Outcome::Applied
+}
+
+fn untrack_all(exec: &mut BoxedExecutor, ports: &[PortKey]) -> Outcome {
+    let netns = exec.netns().map(Path::to_path_buf);
+    let ids: Vec<u64> = exec
+        .journal()
+        .notrack_in_force()
+        .into_iter()
+        .filter(|e| ports.contains(&e.change.target()) && e.netns == netns)
+        .map(|e| e.id)
+        .collect();
+    for id in ids {
+        if let Err(e) = exec.untrack(id, None) {
+            return outcome_of(&e);
+        }
+    }
+    Outcome::Applied
+}
+
+/// What the engine needs of a table analysis: entries per local service port. Ports whose
+/// flows are NAT'd, forwarded or end elsewhere are marked so they are never exempted.
+fn port_loads(breakdown: &TableBreakdown) -> Vec<PortLoad> {
+    breakdown
+        .ports
+        .iter()
+        .filter_map(|p| {
+            Some(PortLoad {
+                proto: Proto::from_number(p.proto.0)?,
+                port: p.port,
+                entries: p.local_entries,
+                nat_or_forwarded: p.nat_or_forwarded || !p.terminates_locally,
+            })
+        })
+        .collect()
+}
+
+/// The next finished table analysis; never, when none is running.
+async fn finished_analysis(analysis: &mut Option<tokio::task::JoinHandle<Analysis>>) -> Analysis {
+    let Some(task) = analysis.as_mut() else {
+        return std::future::pending().await;
+    };
+    let done = task
+        .await
+        .unwrap_or_else(|e| (None, Err(format!("table analysis task failed: {e}"))));
+    *analysis = None;
+    done
 }
 
 fn outcome_of(e: &ExecError) -> Outcome {

@@ -13,6 +13,7 @@ A journal that cannot be read or parsed is never overwritten: [`Journal::open`] 
 [`JournalError::Corrupt`], and the daemon then watches and reports without acting.
 */
 
+use crate::act::notrack::NotrackChange;
 use crate::knob::Knob;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
@@ -136,19 +137,43 @@ pub enum JournalError {
     NoSuchEntry(EntryId),
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// One NOTRACK exemption ctguard added (an nftables set element or an iptables rule).
+/// Undone by removing `change.target()`; nftables also expires it by itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotrackEntry {
+    pub id: EntryId,
+    pub change: NotrackChange,
+    pub stage: String,
+    pub incident: u64,
+    /// The network namespace whose ruleset holds it (`None`: ctguard's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    pub recorded_at: u64,
+    pub state: EntryState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl NotrackEntry {
+    pub fn may_be_in_force(&self) -> bool {
+        matches!(self.state, EntryState::Intended | EntryState::Applied)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct OnDisk {
     version: u32,
     next_id: EntryId,
     entries: Vec<JournalEntry>,
+    #[serde(default)]
+    notrack: Vec<NotrackEntry>,
 }
 
 /// The journal of one state directory.
 #[derive(Debug)]
 pub struct Journal {
     dir: PathBuf,
-    next_id: EntryId,
-    entries: Vec<JournalEntry>,
+    state: OnDisk,
 }
 
 /// A change about to be made, as the caller describes it.
@@ -183,13 +208,13 @@ impl Journal {
                 version: FORMAT_VERSION,
                 next_id: 1,
                 entries: Vec::new(),
+                notrack: Vec::new(),
             },
             Err(source) => return Err(JournalError::Io { path, source }),
         };
         Ok(Journal {
             dir: dir.to_path_buf(),
-            next_id: on_disk.next_id,
-            entries: on_disk.entries,
+            state: on_disk,
         })
     }
 
@@ -199,16 +224,17 @@ impl Journal {
     }
 
     pub fn entries(&self) -> &[JournalEntry] {
-        &self.entries
+        &self.state.entries
     }
 
     pub fn entry(&self, id: EntryId) -> Option<&JournalEntry> {
-        self.entries.iter().find(|e| e.id == id)
+        self.state.entries.iter().find(|e| e.id == id)
     }
 
     /// Changes that may still be in force, newest first: the order to roll them back in.
     pub fn in_force_newest_first(&self) -> Vec<&JournalEntry> {
-        self.entries
+        self.state
+            .entries
             .iter()
             .rev()
             .filter(|e| e.may_be_in_force())
@@ -218,7 +244,7 @@ impl Journal {
     /// Records a change before it is made, durably. Only once this returns may the caller
     /// write to the host.
     pub fn record(&mut self, intent: Intent, now_unix: u64) -> Result<EntryId, JournalError> {
-        let id = self.next_id;
+        let id = self.state.next_id;
         let mut next = self.snapshot();
         next.next_id = id + 1;
         if let Some(old) = intent.supersedes {
@@ -296,20 +322,85 @@ impl Journal {
         self.commit(next)
     }
 
+    pub fn notrack_entries(&self) -> &[NotrackEntry] {
+        &self.state.notrack
+    }
+
+    /// NOTRACK exemptions that may still be in force, newest first.
+    pub fn notrack_in_force(&self) -> Vec<&NotrackEntry> {
+        self.state
+            .notrack
+            .iter()
+            .rev()
+            .filter(|e| e.may_be_in_force())
+            .collect()
+    }
+
+    /// Records a NOTRACK exemption before it is added. A renewal of a port already
+    /// exempted in that namespace takes over its entry (marked superseded in the same write).
+    pub fn record_notrack(
+        &mut self,
+        change: NotrackChange,
+        stage: &str,
+        incident: u64,
+        netns: Option<&Path>,
+        now_unix: u64,
+    ) -> Result<EntryId, JournalError> {
+        let id = self.state.next_id;
+        let mut next = self.snapshot();
+        next.next_id = id + 1;
+        for old in next.notrack.iter_mut().filter(|e| {
+            e.may_be_in_force()
+                && e.change.target() == change.target()
+                && e.netns.as_deref() == netns
+        }) {
+            old.state = EntryState::Superseded;
+        }
+        next.notrack.push(NotrackEntry {
+            id,
+            change,
+            stage: stage.to_string(),
+            incident,
+            netns: netns.map(Path::to_path_buf),
+            recorded_at: now_unix,
+            state: EntryState::Intended,
+            note: None,
+        });
+        self.commit(next)?;
+        Ok(id)
+    }
+
+    /// Moves a NOTRACK entry to `state`, durably.
+    pub fn mark_notrack(
+        &mut self,
+        id: EntryId,
+        state: EntryState,
+        note: Option<String>,
+    ) -> Result<(), JournalError> {
+        let mut next = self.snapshot();
+        let entry = next
+            .notrack
+            .iter_mut()
+            .find(|e| e.id == id)
+            .ok_or(JournalError::NoSuchEntry(id))?;
+        entry.state = state;
+        if note.is_some() {
+            entry.note = note;
+        }
+        self.commit(next)
+    }
+
     /// The entry that may still hold `knob` changed in namespace `netns`, if any.
     pub fn in_force_for(&self, knob: Knob, netns: Option<&Path>) -> Option<&JournalEntry> {
-        self.entries
+        self.state
+            .entries
             .iter()
             .rev()
             .find(|e| e.knob == knob && e.netns.as_deref() == netns && e.may_be_in_force())
     }
 
     fn snapshot(&self) -> OnDisk {
-        OnDisk {
-            version: FORMAT_VERSION,
-            next_id: self.next_id,
-            entries: self.entries.clone(),
-        }
+        self.state.clone()
     }
 
     /// Writes `next` to disk and only then adopts it in memory, so memory never runs ahead
@@ -320,8 +411,7 @@ impl Journal {
             path: self.path(),
             source,
         })?;
-        self.next_id = next.next_id;
-        self.entries = next.entries;
+        self.state = next;
         Ok(())
     }
 }
@@ -338,7 +428,8 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<OnDisk, JournalError> {
             on_disk.version
         )));
     }
-    if let Some(max_id) = on_disk.entries.iter().map(|e| e.id).max()
+    let ids = on_disk.entries.iter().map(|e| e.id);
+    if let Some(max_id) = ids.chain(on_disk.notrack.iter().map(|e| e.id)).max()
         && max_id >= on_disk.next_id
     {
         return Err(corrupt(format!(
@@ -474,6 +565,33 @@ mod tests {
         assert_eq!(j.entry(id).unwrap().new, 1200);
         assert_eq!(j.entry(id).unwrap().stepping_from, None);
         assert_eq!(j.in_force_for(est, None).unwrap().id, id);
+    }
+
+    #[test]
+    fn notrack_entries_are_journaled_and_renewals_supersede() {
+        use crate::act::notrack::Proto;
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let knob = j.record(intent(Knob::Max, 1, 2), 0).unwrap();
+        let change =
+            NotrackChange::new(Proto::Tcp, 443, std::time::Duration::from_secs(60)).unwrap();
+        let first = j
+            .record_notrack(change, "notrack_hot_ports", 1, None, 0)
+            .unwrap();
+        j.mark_notrack(first, EntryState::Applied, None).unwrap();
+        let renewal = j
+            .record_notrack(change, "notrack_hot_ports", 1, None, 30)
+            .unwrap();
+        assert!(knob < first && first < renewal);
+        let j = Journal::open(dir.path()).unwrap();
+        let in_force: Vec<_> = j.notrack_in_force().iter().map(|e| e.id).collect();
+        assert_eq!(in_force, vec![renewal]);
+        assert_eq!(j.notrack_entries()[0].state, EntryState::Superseded);
+        assert_eq!(
+            j.in_force_newest_first().len(),
+            1,
+            "knob entries unaffected"
+        );
     }
 
     #[test]

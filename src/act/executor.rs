@@ -8,6 +8,7 @@ engine decided: never lower `nf_conntrack_max` below the entries in use, never s
 hash table, never act on a value that changed since the decision, never act unjournaled.
 */
 
+use super::notrack::{NotrackBackend, NotrackChange, NotrackError};
 use super::{ActError, Actuator};
 use crate::journal::{EntryId, EntryState, Intent, Journal, JournalEntry, JournalError, LiveState};
 use crate::knob::Knob;
@@ -40,12 +41,18 @@ pub enum ExecError {
     Unsafe { knob: Knob, to: u64, why: String },
     #[error(transparent)]
     Act(#[from] ActError),
+    #[error(transparent)]
+    Notrack(#[from] NotrackError),
 }
 
 impl ExecError {
     /// Whether the environment forbids the change (the engine tries another stage).
     pub fn is_not_permitted(&self) -> bool {
-        matches!(self, ExecError::Act(e) if e.is_not_permitted())
+        match self {
+            ExecError::Act(e) => e.is_not_permitted(),
+            ExecError::Notrack(e) => e.is_unavailable(),
+            _ => false,
+        }
     }
 }
 
@@ -75,6 +82,8 @@ pub enum Reverted {
 /// Makes and undoes journaled changes through an actuator.
 pub struct Executor<A> {
     actuator: A,
+    /// Where NOTRACK exemptions go; `None` when this executor has no such backend.
+    notrack: Option<Box<dyn NotrackBackend + Send>>,
     journal: Journal,
     /// The namespace being protected, recorded with every change: its timeouts are the
     /// ones changed, and its entry count is what a lower max must still hold.
@@ -93,10 +102,85 @@ impl<A: Actuator> Executor<A> {
     pub fn new(actuator: A, journal: Journal, netns: Option<PathBuf>) -> Self {
         Executor {
             actuator,
+            notrack: None,
             journal,
             netns,
             now_unix: system_now_unix,
         }
+    }
+
+    /// Adds the backend NOTRACK exemptions are made with.
+    pub fn with_notrack(mut self, backend: Box<dyn NotrackBackend + Send>) -> Self {
+        self.notrack = Some(backend);
+        self
+    }
+
+    fn notrack_backend(&mut self) -> Result<&mut (dyn NotrackBackend + Send), ExecError> {
+        match self.notrack.as_deref_mut() {
+            Some(backend) => Ok(backend),
+            None => Err(NotrackError::Unavailable {
+                backend: "none",
+                why: "no NOTRACK backend is configured".into(),
+            }
+            .into()),
+        }
+    }
+
+    /// Exempts a port from tracking: the backend's table is ensured, the exemption is
+    /// journaled, then added. A renewal of an exempted port restarts its expiry.
+    pub fn notrack(
+        &mut self,
+        change: NotrackChange,
+        stage: &str,
+        incident: u64,
+    ) -> Result<EntryId, ExecError> {
+        self.notrack_backend()?.install()?;
+        let id = self.journal.record_notrack(
+            change,
+            stage,
+            incident,
+            self.netns.as_deref(),
+            (self.now_unix)(),
+        )?;
+        match self.notrack_backend()?.apply(&[change]) {
+            Ok(()) => {
+                self.journal.mark_notrack(id, EntryState::Applied, None)?;
+                Ok(id)
+            }
+            Err(e) => {
+                self.journal
+                    .mark_notrack(id, EntryState::Failed, Some(e.to_string()))?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Removes a journaled exemption (gone already, e.g. expired, is fine) and marks it.
+    pub fn untrack(&mut self, id: EntryId, note: Option<String>) -> Result<(), ExecError> {
+        let target = self
+            .journal
+            .notrack_entries()
+            .iter()
+            .find(|e| e.id == id)
+            .ok_or(JournalError::NoSuchEntry(id))?
+            .change
+            .target();
+        self.notrack_backend()?.remove(&[target])?;
+        Ok(self.journal.mark_notrack(id, EntryState::Reverted, note)?)
+    }
+
+    /// Removes the NOTRACK backend's own table once no exemption of this namespace is in
+    /// force any more; says whether it did.
+    pub fn uninstall_notrack_if_unused(&mut self) -> Result<bool, ExecError> {
+        let netns = self.netns.clone();
+        let ours = |e: &&crate::journal::NotrackEntry| e.netns == netns;
+        let ever_used = self.journal.notrack_entries().iter().any(|e| ours(&e));
+        let in_use = self.journal.notrack_in_force().iter().any(ours);
+        if !ever_used || in_use || self.notrack.is_none() {
+            return Ok(false);
+        }
+        self.notrack_backend()?.uninstall()?;
+        Ok(true)
     }
 
     pub fn journal(&self) -> &Journal {
@@ -523,6 +607,31 @@ mod tests {
             Reverted::Restored { .. }
         ));
         assert_eq!(live(&f, EST), 432000);
+    }
+
+    #[test]
+    fn notrack_is_journaled_then_made_and_undone() {
+        use crate::act::notrack::Proto;
+        use crate::act::recording::RecordingNotrack;
+        let (_f, exec) = fixture();
+        let mut exec = exec.with_notrack(Box::new(RecordingNotrack::default()));
+        let change =
+            NotrackChange::new(Proto::Udp, 5353, std::time::Duration::from_secs(30)).unwrap();
+        let id = exec.notrack(change, "notrack_hot_ports", 1).unwrap();
+        assert_eq!(exec.journal().notrack_in_force()[0].id, id);
+        exec.untrack(id, None).unwrap();
+        assert!(exec.journal().notrack_in_force().is_empty());
+    }
+
+    #[test]
+    fn notrack_without_a_backend_is_not_permitted() {
+        use crate::act::notrack::Proto;
+        let (_f, mut exec) = fixture();
+        let change =
+            NotrackChange::new(Proto::Tcp, 80, std::time::Duration::from_secs(30)).unwrap();
+        let err = exec.notrack(change, "notrack_hot_ports", 1).unwrap_err();
+        assert!(err.is_not_permitted(), "{err}");
+        assert!(exec.journal().notrack_entries().is_empty());
     }
 
     #[test]

@@ -668,6 +668,10 @@ impl NotrackBackend for NftBackend {
         self.transaction(apply_changes(changes))
     }
 
+    fn uninstall(&mut self) -> Result<(), NotrackError> {
+        self.remove_table()
+    }
+
     fn remove(&mut self, ports: &[PortKey]) -> Result<(), NotrackError> {
         if ports.is_empty() {
             return Ok(());

@@ -120,6 +120,11 @@ pub trait NotrackBackend {
     fn install(&mut self) -> Result<(), NotrackError>;
     fn apply(&mut self, changes: &[NotrackChange]) -> Result<(), NotrackError>;
     fn remove(&mut self, ports: &[PortKey]) -> Result<(), NotrackError>;
+    /// Removes what `install` made, once no exemption is left (nftables: ctguard's own
+    /// table, atomically). Backends whose rules are removed one by one have nothing left.
+    fn uninstall(&mut self) -> Result<(), NotrackError> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

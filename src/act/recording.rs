@@ -1,6 +1,7 @@
 //! The recording actuator: reads through to a real one, records writes instead of making
 //! them. Dry-run drives it, so what it logs as "would" is exactly what enforce would do.
 
+use super::notrack::{NotrackBackend, NotrackChange, NotrackError, PortKey};
 use super::{ActError, Actuator};
 use crate::knob::Knob;
 use std::collections::BTreeMap;
@@ -47,6 +48,37 @@ impl<A: Actuator> Actuator for RecordingActuator<A> {
     fn write(&mut self, knob: Knob, value: u64) -> Result<(), ActError> {
         self.writes.push(RecordedWrite { knob, value });
         self.overlay.insert(knob, value);
+        Ok(())
+    }
+}
+
+/// A NOTRACK backend that records what it is asked to do and changes nothing.
+#[derive(Debug, Default)]
+pub struct RecordingNotrack {
+    pub applied: Vec<NotrackChange>,
+    pub removed: Vec<PortKey>,
+}
+
+impl NotrackBackend for RecordingNotrack {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+
+    fn expires_by_itself(&self) -> bool {
+        true
+    }
+
+    fn install(&mut self) -> Result<(), NotrackError> {
+        Ok(())
+    }
+
+    fn apply(&mut self, changes: &[NotrackChange]) -> Result<(), NotrackError> {
+        self.applied.extend_from_slice(changes);
+        Ok(())
+    }
+
+    fn remove(&mut self, ports: &[PortKey]) -> Result<(), NotrackError> {
+        self.removed.extend_from_slice(ports);
         Ok(())
     }
 }

@@ -23,11 +23,17 @@ pub fn run(args: JournalArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .filter(|e| !args.in_force || e.may_be_in_force())
         .collect();
+    let notrack: Vec<_> = journal
+        .notrack_entries()
+        .iter()
+        .filter(|e| !args.in_force || e.may_be_in_force())
+        .collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&entries)?);
+        let all = serde_json::json!({ "changes": entries, "notrack": notrack });
+        println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(ExitCode::SUCCESS);
     }
-    if entries.is_empty() {
+    if entries.is_empty() && notrack.is_empty() {
         println!("no changes recorded in {}", journal.path().display());
         return Ok(ExitCode::SUCCESS);
     }
@@ -36,14 +42,12 @@ pub fn run(args: JournalArgs) -> anyhow::Result<ExitCode> {
         "id", "recorded", "stage", "state", "knob", "original", "new"
     );
     for e in entries {
-        let recorded = humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.recorded_at),
-        );
+        let recorded = date(e.recorded_at);
         let state = e.state.name();
         println!(
             "{:>5}  {:<11} {:<16} {:>9}  {:<48} {:>10} → {:<10} {}",
             e.id,
-            &recorded.to_string()[..10],
+            recorded,
             e.stage,
             state,
             e.knob.to_string(),
@@ -57,5 +61,28 @@ pub fn run(args: JournalArgs) -> anyhow::Result<ExitCode> {
             println!("       note: {note}");
         }
     }
+    for e in notrack {
+        println!(
+            "{:>5}  {:<11} {:<16} {:>9}  NOTRACK {:<40} for {} s   {}",
+            e.id,
+            date(e.recorded_at),
+            e.stage,
+            e.state.name(),
+            e.change.target().to_string(),
+            e.change.timeout_secs,
+            e.netns
+                .as_deref()
+                .map_or("(own)".into(), |p| p.display().to_string()),
+        );
+        if let Some(note) = &e.note {
+            println!("       note: {note}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The day part of a Unix time, `2026-11-22`.
+fn date(unix: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix);
+    humantime::format_rfc3339_seconds(time).to_string()[..10].to_string()
 }

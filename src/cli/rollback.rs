@@ -4,6 +4,7 @@
 
 use super::StateDir;
 use crate::act::executor::{Executor, Reverted};
+use crate::act::nft::NftBackend;
 use crate::act::sysctl::{Roots, SysctlActuator};
 use crate::journal::{EntryId, Journal};
 use crate::observe::sysctl;
@@ -25,16 +26,18 @@ pub struct RollbackArgs {
 
 pub fn run(args: RollbackArgs) -> anyhow::Result<ExitCode> {
     let mut journal = Journal::open(&args.state.state_dir)?;
-    // Newest first, grouped by namespace in that order: each group gets an actuator
-    // bound to its namespace.
-    let mut groups: Vec<(Option<PathBuf>, Vec<EntryId>)> = Vec::new();
-    for e in journal.in_force_newest_first() {
-        if args.stage.as_deref().is_some_and(|s| s != e.stage) {
-            continue;
+    // Newest first, grouped by namespace: each group gets actuators bound to its
+    // namespace. NOTRACK, the later stage, is undone before the knobs.
+    let mut groups: Vec<Group> = Vec::new();
+    let wanted = |stage: &str| args.stage.as_deref().is_none_or(|s| s == stage);
+    for e in journal.notrack_in_force() {
+        if wanted(&e.stage) {
+            group(&mut groups, &e.netns).notrack.push(e.id);
         }
-        match groups.iter_mut().find(|(ns, _)| *ns == e.netns) {
-            Some((_, ids)) => ids.push(e.id),
-            None => groups.push((e.netns.clone(), vec![e.id])),
+    }
+    for e in journal.in_force_newest_first() {
+        if wanted(&e.stage) {
+            group(&mut groups, &e.netns).knobs.push(e.id);
         }
     }
     if groups.is_empty() {
@@ -42,11 +45,37 @@ pub fn run(args: RollbackArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let mut complete = true;
-    for (netns, ids) in groups {
+    for Group {
+        netns,
+        knobs,
+        notrack,
+    } in groups
+    {
         let in_use = entries_in_use(netns.as_deref())?;
         let actuator = SysctlActuator::new(Roots::default(), netns.clone());
-        let mut exec = Executor::new(actuator, journal, netns);
-        for id in ids {
+        let nft = NftBackend::new(netns.clone());
+        let mut exec = Executor::new(actuator, journal, netns).with_notrack(Box::new(nft));
+        let had_notrack = !notrack.is_empty();
+        for id in notrack {
+            match exec.untrack(id, None) {
+                Ok(()) => println!("#{id}: NOTRACK removed"),
+                Err(e) => {
+                    complete = false;
+                    println!("#{id}: {e}")
+                }
+            }
+        }
+        if had_notrack {
+            match exec.uninstall_notrack_if_unused() {
+                Ok(true) => println!("ctguard's NOTRACK table removed"),
+                Ok(false) => {}
+                Err(e) => {
+                    complete = false;
+                    println!("removing ctguard's NOTRACK table: {e}")
+                }
+            }
+        }
+        for id in knobs {
             match exec.revert(id, in_use) {
                 Ok(Reverted::Restored { entry, knob, to }) => {
                     println!("#{entry}: {knob} restored to {to}")
@@ -81,6 +110,27 @@ pub fn run(args: RollbackArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The changes of one namespace.
+struct Group {
+    netns: Option<PathBuf>,
+    knobs: Vec<EntryId>,
+    notrack: Vec<EntryId>,
+}
+
+fn group<'a>(groups: &'a mut Vec<Group>, netns: &Option<PathBuf>) -> &'a mut Group {
+    match groups.iter().position(|g| g.netns == *netns) {
+        Some(i) => &mut groups[i],
+        None => {
+            groups.push(Group {
+                netns: netns.clone(),
+                knobs: Vec::new(),
+                notrack: Vec::new(),
+            });
+            groups.last_mut().expect("just pushed")
+        }
+    }
 }
 
 /// The most entries in use that a restored max must still hold: the protected namespace's

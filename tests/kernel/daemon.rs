@@ -43,13 +43,13 @@ fn policy_with(dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
 }
 
 /// A running `ctguard`, killed if the test ends without stopping it.
-struct Daemon {
+pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
 }
 
 impl Daemon {
-    fn start(cmd: &mut Command, log: PathBuf) -> Daemon {
+    pub fn start(cmd: &mut Command, log: PathBuf) -> Daemon {
         let file = std::fs::File::create(&log).unwrap();
         let child = cmd
             .stdout(Stdio::null())
@@ -62,21 +62,21 @@ impl Daemon {
         }
     }
 
-    fn run(args: &[&str], log: PathBuf) -> Daemon {
+    pub fn run(args: &[&str], log: PathBuf) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
         cmd.arg("run").args(args);
         Daemon::start(&mut cmd, log)
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_for_log(&self, text: &str, limit: Duration) -> bool {
+    pub fn wait_for_log(&self, text: &str, limit: Duration) -> bool {
         wait_until(limit, || self.log().contains(text))
     }
 
-    fn signal(&mut self, signal: i32) -> ExitStatus {
+    pub fn signal(&mut self, signal: i32) -> ExitStatus {
         let mut child = self.child.take().expect("daemon running");
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as i32, signal) };

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::io::Write;
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -230,4 +231,34 @@ impl Drop for GlobalSysctl {
             eprintln!("RESTORE FAILED {}: {e}", self.path);
         }
     }
+}
+
+/// One UDP datagram from each of `count` source ports starting at `first_source` to
+/// 127.0.0.1:`port`: one entry each (nothing listens; the entries stay unreplied).
+pub fn udp_flows(first_source: u16, count: u16, port: u16) {
+    for source in first_source..first_source + count {
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, source)).unwrap();
+        socket
+            .send_to(b"ctguard", (Ipv4Addr::LOCALHOST, port))
+            .unwrap();
+    }
+}
+
+/// `count` established connections to a listener on 127.0.0.1:8080, both ends kept open
+/// (returned) so the entries stay ESTABLISHED while the test reads them.
+pub fn tcp_flows(count: u16) -> Vec<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap();
+    tcp_flows_to(&listener, count)
+}
+
+/// `count` established connections to `listener` (in the calling thread's namespace).
+pub fn tcp_flows_to(listener: &TcpListener, count: u16) -> Vec<(TcpStream, TcpStream)> {
+    let addr = listener.local_addr().unwrap();
+    (0..count)
+        .map(|_| {
+            let client = TcpStream::connect(addr).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            (client, server)
+        })
+        .collect()
 }

@@ -6,6 +6,7 @@
 mod act;
 mod ctnetlink;
 mod daemon;
+mod daemon_notrack;
 mod kmsg;
 mod lab;
 mod loadgen;
@@ -26,6 +27,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(kmsg::TESTS);
     all.extend(ctnetlink::TESTS);
     all.extend(daemon::TESTS);
+    all.extend(daemon_notrack::TESTS);
     all.extend(status::TESTS);
     all.extend(notrack::TESTS);
     all.extend(table::TESTS);

@@ -1,10 +1,9 @@
 //! `ctguard top` on a real lab table: a hot UDP port, a hot TCP port and a DNAT'd port,
 //! each with a known number of flows, read by the built binary with `--netns`.
 
-use crate::lab::{LabNetns, run};
+use crate::lab::{LabNetns, run, tcp_flows, udp_flows};
 use ctguard::netns::run_in;
 use serde_json::Value;
-use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 
 pub const TESTS: &[(&str, fn())] = &[(
@@ -15,30 +14,6 @@ pub const TESTS: &[(&str, fn())] = &[(
 const UDP_FLOWS: u16 = 3000;
 const TCP_FLOWS: u16 = 1000;
 const NAT_FLOWS: u16 = 400;
-
-/// One UDP datagram from each of `count` source ports starting at `first_source` to
-/// 127.0.0.1:`port`: one entry each (nothing listens; the entries stay unreplied).
-fn udp_flows(first_source: u16, count: u16, port: u16) {
-    for source in first_source..first_source + count {
-        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, source)).unwrap();
-        socket
-            .send_to(b"ctguard", (Ipv4Addr::LOCALHOST, port))
-            .unwrap();
-    }
-}
-
-/// `count` established connections to a listener on 127.0.0.1:8080, both ends kept open
-/// (returned) so the entries stay ESTABLISHED while the test reads them.
-fn tcp_flows(count: u16) -> Vec<(TcpStream, TcpStream)> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap();
-    (0..count)
-        .map(|_| {
-            let client = TcpStream::connect((Ipv4Addr::LOCALHOST, 8080)).unwrap();
-            let (server, _) = listener.accept().unwrap();
-            (client, server)
-        })
-        .collect()
-}
 
 fn top_json(lab: &LabNetns) -> Value {
     let out =
