@@ -26,6 +26,7 @@ here" makes it try the next one).
 use crate::act::executor::{ChangeRequest, ExecError, Executor, Reverted};
 use crate::act::nft::NftBackend;
 use crate::act::notrack::{NotrackChange, PortKey};
+use crate::act::persist::Persistence;
 use crate::act::probe::TcpProbe;
 use crate::act::recording::{RecordingActuator, RecordingNotrack};
 use crate::act::sysctl::{Roots, SysctlActuator};
@@ -56,6 +57,8 @@ pub struct Options {
     /// The namespace to watch and protect; `None` for ctguard's own.
     pub netns: Option<PathBuf>,
     pub state_dir: PathBuf,
+    /// Where `persist = true` writes `etc/sysctl.d/…` and `etc/modprobe.d/…` (`/`).
+    pub persist_root: PathBuf,
 }
 
 impl Actuator for Box<dyn Actuator + Send> {
@@ -429,8 +432,28 @@ impl Daemon {
                 }
                 Outcome::Failed(why) => warn!(id = %decision.id, why, "failed"),
             }
+            let changed = outcome == Outcome::Applied;
             let now = self.now();
             decisions.extend(self.engine.outcome(now, decision.id, outcome));
+            if changed {
+                self.persist();
+            }
+        }
+    }
+
+    /// Makes the boot-time files follow the journal (`persist = true`), or removes ours
+    /// when the policy no longer persists.
+    fn persist(&self) {
+        let Some(exec) = self.executor.as_ref() else {
+            return;
+        };
+        let persistence = Persistence::new(&self.options.persist_root);
+        let enabled = self.engine.policy().persist;
+        if !enabled && !persistence.has_files() {
+            return;
+        }
+        if let Err(e) = persistence.sync(exec.journal(), enabled) {
+            error!(error = %e, "could not update the persisted values");
         }
     }
 }

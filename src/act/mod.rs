@@ -14,6 +14,7 @@ pub mod executor;
 pub mod iptables;
 pub mod nft;
 pub mod notrack;
+pub mod persist;
 pub mod probe;
 pub mod recording;
 pub mod sysctl;

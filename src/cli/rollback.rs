@@ -5,6 +5,7 @@
 use super::StateDir;
 use crate::act::executor::{Executor, Reverted};
 use crate::act::nft::NftBackend;
+use crate::act::persist::Persistence;
 use crate::act::sysctl::{Roots, SysctlActuator};
 use crate::journal::{EntryId, Journal};
 use crate::observe::sysctl;
@@ -104,6 +105,11 @@ pub fn run(args: RollbackArgs) -> anyhow::Result<ExitCode> {
             }
         }
         journal = exec.into_journal();
+    }
+    // Boot-time files (persist = true) follow the journal: drop what was rolled back.
+    let persistence = Persistence::new("/");
+    if persistence.has_files() {
+        persistence.sync(&journal, true)?;
     }
     Ok(if complete {
         ExitCode::SUCCESS

@@ -18,6 +18,9 @@ pub struct RunArgs {
     pub netns: Option<String>,
     #[command(flatten)]
     pub state: StateDir,
+    /// Root under which `persist = true` writes etc/sysctl.d and etc/modprobe.d (tests).
+    #[arg(long, value_name = "DIR", default_value = "/", hide = true)]
+    pub persist_root: PathBuf,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -26,6 +29,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         dry_run: args.dry_run,
         netns: args.netns.as_deref().map(crate::netns::resolve),
         state_dir: args.state.state_dir,
+        persist_root: args.persist_root,
     })?;
     Ok(ExitCode::SUCCESS)
 }

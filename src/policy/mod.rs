@@ -329,6 +329,9 @@ pub struct Policy {
     pub backoff: Backoff,
     pub stages: Stages,
     pub rollback: Rollback,
+    /// Also write applied values where the boot process reads them
+    /// (`/etc/sysctl.d/`, `/etc/modprobe.d/`), and remove them again on rollback.
+    pub persist: bool,
 }
 
 /// A policy that could not be used: `file:line:col: message`.
@@ -571,6 +574,7 @@ impl Context<'_> {
             backoff,
             stages,
             rollback,
+            persist: raw.persist,
         };
         // Rolling back while the ratio is still above the clear level of a stage's trigger
         // would undo the stage only to fire it again: flapping by construction.
@@ -934,6 +938,15 @@ impl fmt::Display for Policy {
                 "roll back"
             } else {
                 "keep changes"
+            }
+        )?;
+        writeln!(
+            f,
+            "persist across reboots: {}",
+            if self.persist {
+                "yes (/etc/sysctl.d/90-ctguard.conf, /etc/modprobe.d/ctguard.conf)"
+            } else {
+                "no"
             }
         )
     }

@@ -30,6 +30,8 @@ pub struct RawPolicy {
     pub backoff: RawBackoff,
     pub stages: RawStages,
     pub rollback: RawRollback,
+    #[serde(default)]
+    pub persist: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

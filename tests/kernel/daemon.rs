@@ -113,7 +113,7 @@ fn state_args<'a>(lab: &'a LabNetns, policy: &'a Path, state: &'a Path) -> Vec<&
 
 /// Waits until expired entries are gone and the snapshot equals `before`.
 fn wait_for_exact_restore(lab: &LabNetns, before: &std::collections::BTreeMap<String, u64>) {
-    let restored = wait_until(Duration::from_secs(60), || {
+    let restored = wait_until(Duration::from_secs(120), || {
         lab.collect_expired();
         lab.snapshot() == *before
     });
@@ -129,12 +129,20 @@ fn incident_and_exact_rollback() {
     let _buckets = GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets"));
     let lab = LabNetns::new("run");
     let state = tempfile::tempdir().unwrap();
+    // Short-lived UDP flows (the kernel default is 30 s) keep the test short.
+    lab.set_sysctl(UDP, 5);
     let before = lab.snapshot();
-    let policy = fast_policy();
-    let mut daemon = Daemon::run(
-        &state_args(&lab, &policy, state.path()),
-        state.path().join("log"),
+    // With persist = true, applied values also go to boot-time files (under a scratch
+    // root here), and leave them again on rollback.
+    let policy = policy_with(
+        state.path(),
+        &[("mode = \"enforce\"", "mode = \"enforce\"\npersist = true")],
     );
+    let root = state.path().join("root");
+    let mut args = state_args(&lab, &policy, state.path());
+    args.extend(["--persist-root", root.to_str().unwrap()]);
+    let mut daemon = Daemon::run(&args, state.path().join("log"));
+    let persisted = root.join("etc/sysctl.d/90-ctguard.conf");
     assert!(daemon.wait_for_log("ctguard starting", Duration::from_secs(5)));
 
     lab.fill_table(2000);
@@ -144,6 +152,14 @@ fn incident_and_exact_rollback() {
             && lab.sysctl(UDP) < before[UDP]),
         "max and the udp timeout were not changed:\n{}",
         daemon.log()
+    );
+
+    assert!(
+        wait_until(Duration::from_secs(2), || std::fs::read_to_string(
+            &persisted
+        )
+        .is_ok_and(|t| t.contains("net.netfilter.nf_conntrack_max = "))),
+        "applied max not persisted"
     );
 
     // Once ctguard has made room, new flows are tracked instead of dropped.
@@ -167,6 +183,10 @@ fn incident_and_exact_rollback() {
     wait_for_exact_restore(&lab, &before);
     assert!(daemon.signal(libc::SIGTERM).success());
     assert_eq!(lab.snapshot(), before);
+    assert!(
+        !persisted.exists(),
+        "persisted values outlived the rollback"
+    );
     let journal = std::fs::read_to_string(state.path().join("journal.json")).unwrap();
     assert!(
         !journal.contains("\"applied\""),
@@ -179,6 +199,8 @@ fn crash_and_restart() {
     let _buckets = GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets"));
     let lab = LabNetns::new("crash");
     let state = tempfile::tempdir().unwrap();
+    // Short-lived UDP flows (the kernel default is 30 s) keep the test short.
+    lab.set_sysctl(UDP, 5);
     let before = lab.snapshot();
     // Recovery takes an hour here, so only the crash and the command undo anything.
     let policy = policy_with(
@@ -229,6 +251,8 @@ fn drift() {
     let _buckets = GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets"));
     let lab = LabNetns::new("drift");
     let state = tempfile::tempdir().unwrap();
+    // Short-lived UDP flows (the kernel default is 30 s) keep the test short.
+    lab.set_sysctl(UDP, 5);
     let before = lab.snapshot();
     let policy = policy_with(
         state.path(),

@@ -135,6 +135,14 @@ impl LabNetns {
             .unwrap()
     }
 
+    /// Sets a per-namespace sysctl inside the namespace.
+    pub fn set_sysctl(&self, file: &str, value: u64) {
+        let path = format!("/proc/sys/net/netfilter/{file}");
+        ctguard::netns::run_in(&self.path, || std::fs::write(&path, value.to_string()))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+
     /// Fills the table with UDP flows on loopback until it holds `max` entries (or 10 s
     /// pass), then sends `extra` more datagrams that the kernel must drop. Returns the count.
     pub fn fill_table(&self, extra: u64) -> u64 {
