@@ -67,13 +67,15 @@ fn latency(runs: usize) {
         };
         println!(
             "daemon_latency: run {run}/{runs}: signal ({by}) → change {} ms; \
-             table-full record at {:?} ms, drop counter at {:?} ms, change at {:?} ms",
+             table-full record at {:?} ms, drop counter at {:?} ms, change at {:?} ms; \
+             daemon log: kernel event → change {:?} ms",
             report
                 .first_signal_to_change_ms
                 .map_or("–".into(), |v| format!("{v:.1}")),
             report.first_table_full_ms,
             report.first_drop_counter_ms,
             report.first_change_ms,
+            report.daemon_kernel_event_to_change_ms,
         );
         if let Some(ms) = report.first_signal_to_change_ms {
             latencies.push(ms);

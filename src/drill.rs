@@ -193,6 +193,9 @@ pub struct DrillReport {
     /// From the first kernel signal (table-full record or drop counter, whichever came
     /// first) to the first changed sysctl.
     pub first_signal_to_change_ms: Option<f64>,
+    /// By the daemon's own log clock: from its first logged kernel event to its first
+    /// change (splits the latency into waking up and acting).
+    pub daemon_kernel_event_to_change_ms: Option<f64>,
     pub drops_with: u64,
     pub drops_without: Option<u64>,
     pub with_ctguard: RunFigures,
@@ -1041,6 +1044,22 @@ pub fn changes_from_log(log: &str, final_state: impl Fn(u64) -> String) -> Vec<C
     changes
 }
 
+/// From the first `kernel` line of a daemon's JSON log to its first `changed` line, by
+/// the log's own timestamps.
+pub fn kernel_event_to_change_ms(log: &str) -> Option<f64> {
+    let time_of = |message: &str| {
+        log.lines().find_map(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).ok()?;
+            (record["fields"]["message"] == message)
+                .then(|| humantime::parse_rfc3339_weak(record["timestamp"].as_str()?).ok())
+                .flatten()
+        })
+    };
+    let kernel = time_of("kernel")?;
+    let change = time_of("changed")?;
+    change.duration_since(kernel).ok().map(ms)
+}
+
 /// What `raise_limits` would do with a full table, for a drill that may not do it.
 fn simulated_raise(
     policy: &Policy,
@@ -1191,7 +1210,8 @@ pub fn run(options: &DrillOptions) -> Result<DrillReport, DrillError> {
     }
 
     let journal = Journal::open(&scratch.0.join("state")).ok();
-    let changes = changes_from_log(&daemon.log(), |id| {
+    let daemon_log = daemon.log();
+    let changes = changes_from_log(&daemon_log, |id| {
         journal
             .as_ref()
             .and_then(|j| j.entry(id))
@@ -1231,6 +1251,7 @@ pub fn run(options: &DrillOptions) -> Result<DrillReport, DrillError> {
         first_drop_counter_ms: since_load(signals.drop_counter),
         first_change_ms: since_load(signals.change),
         first_signal_to_change_ms,
+        daemon_kernel_event_to_change_ms: kernel_event_to_change_ms(&daemon_log),
         drops_with: with_ctguard.drops,
         drops_without: without_ctguard.as_ref().map(|f| f.drops),
         with_ctguard,
@@ -1357,6 +1378,20 @@ mod tests {
         assert_eq!((changes[0].from, changes[0].to), (8192, 16384));
         assert_eq!(changes[1].knob, "net.netfilter.nf_conntrack_udp_timeout");
         assert_eq!(changes[1].final_state, "state-2");
+    }
+
+    #[test]
+    fn the_daemon_reaction_is_timed_by_its_own_log() {
+        let log = concat!(
+            r#"{"timestamp":"2025-01-01T00:00:00.100000Z","fields":{"message":"ctguard starting"}}"#,
+            "\n",
+            r#"{"timestamp":"2025-01-01T00:00:01.000000Z","fields":{"message":"kernel"}}"#,
+            "\n",
+            r#"{"timestamp":"2025-01-01T00:00:01.002500Z","fields":{"message":"changed"}}"#,
+            "\n",
+        );
+        assert_eq!(kernel_event_to_change_ms(log), Some(2.5));
+        assert_eq!(kernel_event_to_change_ms("{}\nnot json"), None);
     }
 
     #[test]
