@@ -9,6 +9,7 @@ thin layers around that same engine.
 pub mod act;
 pub mod cli;
 pub mod daemon;
+pub mod drill;
 pub mod engine;
 pub mod journal;
 pub mod knob;
