@@ -249,27 +249,23 @@ fn sockaddr_in(address: SocketAddrV4) -> libc::sockaddr_in {
 }
 
 fn bind(fd: &OwnedFd, address: SocketAddrV4) -> io::Result<()> {
-    let raw = sockaddr_in(address);
-    // SAFETY: a valid socket and a sockaddr_in of the size passed.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    with_address(fd, address, libc::bind)
 }
 
 fn connect(fd: &OwnedFd, address: SocketAddrV4) -> io::Result<()> {
+    with_address(fd, address, libc::connect)
+}
+
+/// Calls `bind(2)` or `connect(2)` (same signature) with an IPv4 address.
+fn with_address(
+    fd: &OwnedFd,
+    address: SocketAddrV4,
+    call: unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int,
+) -> io::Result<()> {
     let raw = sockaddr_in(address);
     // SAFETY: a valid socket and a sockaddr_in of the size passed.
     let rc = unsafe {
-        libc::connect(
+        call(
             fd.as_raw_fd(),
             (&raw as *const libc::sockaddr_in).cast(),
             std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
