@@ -51,6 +51,8 @@ pub struct Options {
     /// The namespace to watch and protect; `None` for ctguard's own.
     pub netns: Option<PathBuf>,
     pub state_dir: PathBuf,
+    /// Where to serve Prometheus metrics; `None` for no endpoint.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Actuator for Box<dyn Actuator + Send> {
@@ -106,6 +108,7 @@ struct Daemon {
     started: Instant,
     /// Drifts already reported, by (journal entry, live value).
     drift_seen: BTreeSet<(u64, u64)>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Daemon {
@@ -162,6 +165,7 @@ impl Daemon {
             rehearsal,
             started: Instant::now(),
             drift_seen: BTreeSet::new(),
+            metrics: Default::default(),
         };
         daemon.adopt_previous_changes()?;
         Ok(daemon)
@@ -215,10 +219,17 @@ impl Daemon {
         let mut hangup = signal(SignalKind::hangup())?;
         let mut policy_changes =
             crate::policy_watch::PolicyWatch::new(self.options.policy.as_deref());
+        // Guarding matters more than being watched: a busy port costs the metrics only.
+        if let Some(addr) = self.options.metrics_listen
+            && let Err(e) = crate::metrics::spawn_server(addr, self.metrics.clone()).await
+        {
+            error!(error = %e, "serving no metrics; guarding goes on");
+        }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let watchdog = sd_notify::watchdog_enabled();
         self.poll();
         loop {
+            self.metrics.observe(&self.sample, &self.engine.state());
             let wait = self.engine.state().poll_interval;
             tokio::select! {
                 _ = tokio::time::sleep(wait) => self.poll(),
@@ -266,6 +277,7 @@ impl Daemon {
             return;
         }
         info!(?event, "kernel");
+        self.metrics.kernel_event(&event);
         // A fresh sample first, so the engine decides on the table as it is now.
         self.poll();
         let now = self.now();
@@ -312,6 +324,7 @@ impl Daemon {
             if !self.drift_seen.insert((id, live)) {
                 continue;
             }
+            self.metrics.drift();
             if under_pressure {
                 warn!(entry = id, %knob, live, set, "drift during an incident: acting per policy on the live value");
             } else {
@@ -327,6 +340,7 @@ impl Daemon {
     fn carry_out(&mut self, mut decisions: Vec<Decision>) {
         while let Some(decision) = (!decisions.is_empty()).then(|| decisions.remove(0)) {
             info!(id = %decision.id, stage = decision.stage.name(), reason = %decision.reason, "decision");
+            self.metrics.decision(std::time::SystemTime::now());
             let incident = self.engine.state().incident.map_or(0, |i| i.id.0);
             let in_use = self.sample.count;
             let outcome = match &decision.action {
@@ -351,6 +365,7 @@ impl Daemon {
                 }
                 Outcome::Failed(why) => warn!(id = %decision.id, why, "failed"),
             }
+            self.metrics.outcome(&decision, &outcome);
             let now = self.now();
             decisions.extend(self.engine.outcome(now, decision.id, outcome));
         }

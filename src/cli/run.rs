@@ -18,6 +18,13 @@ pub struct RunArgs {
     pub netns: Option<String>,
     #[command(flatten)]
     pub state: StateDir,
+    /// Serve Prometheus metrics at http://ADDR/metrics. Loopback by default: the endpoint
+    /// has no authentication, so any other address must be given here explicitly.
+    #[arg(long, value_name = "ADDR", default_value = crate::metrics::DEFAULT_LISTEN)]
+    pub metrics_listen: std::net::SocketAddr,
+    /// Serve no metrics endpoint.
+    #[arg(long, conflicts_with = "metrics_listen")]
+    pub no_metrics: bool,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -26,6 +33,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         dry_run: args.dry_run,
         netns: args.netns.as_deref().map(crate::netns::resolve),
         state_dir: args.state.state_dir,
+        metrics_listen: (!args.no_metrics).then_some(args.metrics_listen),
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,7 @@ mod daemon;
 mod kmsg;
 mod lab;
 mod loadgen;
+mod metrics;
 mod notrack;
 mod record;
 mod rollback;
@@ -30,6 +31,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(notrack::TESTS);
     all.extend(table::TESTS);
     all.extend(record::TESTS);
+    all.extend(metrics::TESTS);
     all
 }
 
