@@ -59,6 +59,8 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// Where `persist = true` writes `etc/sysctl.d/…` and `etc/modprobe.d/…` (`/`).
     pub persist_root: PathBuf,
+    /// Where to serve Prometheus metrics; `None` for no endpoint.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Actuator for Box<dyn Actuator + Send> {
@@ -119,6 +121,7 @@ struct Daemon {
     analysis: Option<tokio::task::JoinHandle<Analysis>>,
     table_reader: Option<TableReader>,
     last_analysis: Option<Instant>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// A finished table analysis, with the reader handed back for the next one.
@@ -185,6 +188,7 @@ impl Daemon {
             analysis: None,
             table_reader: None,
             last_analysis: None,
+            metrics: Default::default(),
         };
         daemon.adopt_previous_changes()?;
         Ok(daemon)
@@ -238,10 +242,17 @@ impl Daemon {
         let mut hangup = signal(SignalKind::hangup())?;
         let mut policy_changes =
             crate::policy_watch::PolicyWatch::new(self.options.policy.as_deref());
+        // Guarding matters more than being watched: a busy port costs the metrics only.
+        if let Some(addr) = self.options.metrics_listen
+            && let Err(e) = crate::metrics::spawn_server(addr, self.metrics.clone()).await
+        {
+            error!(error = %e, "serving no metrics; guarding goes on");
+        }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let watchdog = sd_notify::watchdog_enabled();
         self.poll();
         loop {
+            self.metrics.observe(&self.sample, &self.engine.state());
             let wait = self.engine.state().poll_interval;
             tokio::select! {
                 _ = tokio::time::sleep(wait) => self.poll(),
@@ -298,6 +309,7 @@ impl Daemon {
             return;
         }
         info!(?event, "kernel");
+        self.metrics.kernel_event(&event);
         // A fresh sample first, so the engine decides on the table as it is now.
         self.poll();
         let now = self.now();
@@ -393,6 +405,7 @@ impl Daemon {
             if !self.drift_seen.insert((id, live)) {
                 continue;
             }
+            self.metrics.drift();
             if under_pressure {
                 warn!(entry = id, %knob, live, set, "drift during an incident: acting per policy on the live value");
             } else {
@@ -408,6 +421,7 @@ impl Daemon {
     fn carry_out(&mut self, mut decisions: Vec<Decision>) {
         while let Some(decision) = (!decisions.is_empty()).then(|| decisions.remove(0)) {
             info!(id = %decision.id, stage = decision.stage.name(), reason = %decision.reason, "decision");
+            self.metrics.decision(std::time::SystemTime::now());
             let incident = self.engine.state().incident.map_or(0, |i| i.id.0);
             let in_use = self.sample.count;
             let outcome = match &decision.action {
@@ -433,6 +447,7 @@ impl Daemon {
                 Outcome::Failed(why) => warn!(id = %decision.id, why, "failed"),
             }
             let changed = outcome == Outcome::Applied;
+            self.metrics.outcome(&decision, &outcome);
             let now = self.now();
             decisions.extend(self.engine.outcome(now, decision.id, outcome));
             if changed {

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod journal;
 pub mod knob;
 pub mod loadgen;
+pub mod metrics;
 pub mod netns;
 pub mod observe;
 pub mod policy;

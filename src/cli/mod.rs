@@ -7,6 +7,7 @@ subcommand does lives in its module here.
 
 pub mod check;
 pub mod drill;
+pub mod generate;
 pub mod journal;
 pub mod record;
 pub mod rollback;
@@ -55,6 +56,9 @@ pub enum Command {
     Top(top::TopArgs),
     /// Stage a conntrack incident in scratch namespaces, with and without ctguard.
     Drill(drill::DrillArgs),
+    /// Write man pages or shell completions (for packaging).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 /// `--state-dir`, shared by every command that reads or writes the journal.
@@ -78,6 +82,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rollback(args) => rollback::run(args),
         Command::Top(args) => top::run(args),
         Command::Drill(args) => drill::run(args),
+        Command::Generate(args) => generate::run(args),
     }
 }
 

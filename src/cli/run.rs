@@ -21,6 +21,13 @@ pub struct RunArgs {
     /// Root under which `persist = true` writes etc/sysctl.d and etc/modprobe.d (tests).
     #[arg(long, value_name = "DIR", default_value = "/", hide = true)]
     pub persist_root: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics. Loopback by default: the endpoint
+    /// has no authentication, so any other address must be given here explicitly.
+    #[arg(long, value_name = "ADDR", default_value = crate::metrics::DEFAULT_LISTEN)]
+    pub metrics_listen: std::net::SocketAddr,
+    /// Serve no metrics endpoint.
+    #[arg(long, conflicts_with = "metrics_listen")]
+    pub no_metrics: bool,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -30,6 +37,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         netns: args.netns.as_deref().map(crate::netns::resolve),
         state_dir: args.state.state_dir,
         persist_root: args.persist_root,
+        metrics_listen: (!args.no_metrics).then_some(args.metrics_listen),
     })?;
     Ok(ExitCode::SUCCESS)
 }

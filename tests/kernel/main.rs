@@ -11,6 +11,7 @@ mod drill;
 mod kmsg;
 mod lab;
 mod loadgen;
+mod metrics;
 mod notrack;
 mod record;
 mod rollback;
@@ -34,6 +35,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(table::TESTS);
     all.extend(record::TESTS);
     all.extend(drill::TESTS);
+    all.extend(metrics::TESTS);
     all
 }
 
