@@ -69,6 +69,7 @@ type BoxedExecutor = Executor<Box<dyn Actuator + Send>>;
 pub fn load_policy(path: Option<&Path>, dry_run: bool) -> anyhow::Result<Policy> {
     let mut policy = match path {
         Some(path) => {
+            crate::security::check_policy_file(path)?;
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading policy {}", path.display()))?;
             Policy::from_toml(&text, &path.display().to_string())?
@@ -111,6 +112,7 @@ struct Daemon {
 impl Daemon {
     fn start(options: Options) -> anyhow::Result<Daemon> {
         let mut policy = load_policy(options.policy.as_deref(), options.dry_run)?;
+        crate::security::check_state_dir(&options.state_dir)?;
         let host = HostMemory::read()?;
         let netns = options.netns.as_deref();
         let sampler = Sampler::open(netns)?;

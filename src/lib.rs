@@ -17,4 +17,5 @@ pub mod netns;
 pub mod observe;
 pub mod policy;
 pub mod policy_watch;
+pub mod security;
 pub mod simulate;
