@@ -194,6 +194,8 @@ impl Daemon {
                     self.engine
                         .adopt(now, stage, entry.knob, entry.original, entry.new);
                 }
+                // An interrupted entry was already settled (failed) by reconcile.
+                LiveState::Original if entry.state == EntryState::Intended => {}
                 LiveState::Original => {
                     exec.journal_mark(
                         entry.id,
