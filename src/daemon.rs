@@ -79,6 +79,7 @@ type BoxedExecutor = Executor<Box<dyn Actuator + Send>>;
 pub fn load_policy(path: Option<&Path>, dry_run: bool) -> anyhow::Result<Policy> {
     let mut policy = match path {
         Some(path) => {
+            crate::security::check_policy_file(path)?;
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading policy {}", path.display()))?;
             Policy::from_toml(&text, &path.display().to_string())?
@@ -133,6 +134,7 @@ const ANALYSIS_INTERVAL: Duration = Duration::from_secs(10);
 impl Daemon {
     fn start(options: Options) -> anyhow::Result<Daemon> {
         let mut policy = load_policy(options.policy.as_deref(), options.dry_run)?;
+        crate::security::check_state_dir(&options.state_dir)?;
         let host = HostMemory::read()?;
         let netns = options.netns.as_deref();
         let sampler = Sampler::open(netns)?;
@@ -219,6 +221,8 @@ impl Daemon {
                     self.engine
                         .adopt(now, stage, entry.knob, entry.original, entry.new);
                 }
+                // An interrupted entry was already settled (failed) by reconcile.
+                LiveState::Original if entry.state == EntryState::Intended => {}
                 LiveState::Original => {
                     exec.journal_mark(
                         entry.id,

@@ -20,4 +20,5 @@ pub mod observe;
 pub mod policy;
 pub mod policy_watch;
 pub mod port;
+pub mod security;
 pub mod simulate;

@@ -89,6 +89,28 @@ pub struct Executor<A> {
     /// ones changed, and its entry count is what a lower max must still hold.
     netns: Option<PathBuf>,
     now_unix: fn() -> u64,
+    /// Test hook, see [`CrashPoint`].
+    crash_at: Option<CrashPoint>,
+}
+
+/// Test hook for the fault tests (`tests/kernel/faults.rs`): `CTGUARD_FAULT=crash-after-journal`
+/// or `crash-after-write` makes the process abort (as a SIGKILL would end it) right after
+/// journaling a change, or right after writing it but before marking it applied. Read once
+/// when an executor is made; any other value is ignored. Not for production use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    AfterJournal,
+    AfterWrite,
+}
+
+impl CrashPoint {
+    fn from_env() -> Option<CrashPoint> {
+        match std::env::var("CTGUARD_FAULT").ok()?.as_str() {
+            "crash-after-journal" => Some(CrashPoint::AfterJournal),
+            "crash-after-write" => Some(CrashPoint::AfterWrite),
+            _ => None,
+        }
+    }
 }
 
 fn system_now_unix() -> u64 {
@@ -106,6 +128,14 @@ impl<A: Actuator> Executor<A> {
             journal,
             netns,
             now_unix: system_now_unix,
+            crash_at: CrashPoint::from_env(),
+        }
+    }
+
+    fn crash_if(&self, point: CrashPoint) {
+        if self.crash_at == Some(point) {
+            eprintln!("CTGUARD_FAULT: aborting at {point:?}");
+            std::process::abort();
         }
     }
 
@@ -241,9 +271,11 @@ impl<A: Actuator> Executor<A> {
             },
             (self.now_unix)(),
         )?;
+        self.crash_if(CrashPoint::AfterJournal);
         let req = &ChangeRequest { to, ..req.clone() };
         match self.actuator.write(req.knob, req.to) {
             Ok(()) => {
+                self.crash_if(CrashPoint::AfterWrite);
                 self.journal.mark(id, EntryState::Applied, None)?;
                 Ok(id)
             }

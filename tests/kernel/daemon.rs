@@ -2,9 +2,10 @@
 //! first drop to the exact rollback; a crash and restart; drift; running inside a
 //! namespace where global knobs are not permitted.
 
-use crate::lab::{GlobalSysctl, LabNetns, read_global, wait_until};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use crate::lab::{
+    Daemon, GlobalSysctl, LabNetns, fast_policy, policy_with, read_global, state_args, wait_until,
+};
+use std::process::Command;
 use std::time::Duration;
 
 pub const TESTS: &[(&str, fn())] = &[
@@ -26,89 +27,10 @@ pub const TESTS: &[(&str, fn())] = &[
 const UDP: &str = "nf_conntrack_udp_timeout";
 const ESTABLISHED: &str = "nf_conntrack_tcp_timeout_established";
 
-fn fast_policy() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/daemon/fast-lab.toml")
-}
-
-/// The fast lab policy with some settings replaced, written next to the state dir.
-fn policy_with(dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
-    let mut text = std::fs::read_to_string(fast_policy()).unwrap();
-    for (from, to) in edits {
-        assert!(text.contains(from), "{from} not in the fast policy");
-        text = text.replace(from, to);
-    }
-    let path = dir.join("policy.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// A running `ctguard`, killed if the test ends without stopping it.
-pub struct Daemon {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Daemon {
-    pub fn start(cmd: &mut Command, log: PathBuf) -> Daemon {
-        let file = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("start ctguard");
-        Daemon {
-            child: Some(child),
-            log,
-        }
-    }
-
-    pub fn run(args: &[&str], log: PathBuf) -> Daemon {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
-        cmd.arg("run").args(args);
-        Daemon::start(&mut cmd, log)
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn wait_for_log(&self, text: &str, limit: Duration) -> bool {
-        wait_until(limit, || self.log().contains(text))
-    }
-
-    pub fn signal(&mut self, signal: i32) -> ExitStatus {
-        let mut child = self.child.take().expect("daemon running");
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, signal) };
-        child.wait().unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-            eprintln!("--- ctguard log ---\n{}", self.log());
-        }
-    }
-}
-
 fn drops(lab: &LabNetns) -> u64 {
     let mut sampler = ctguard::observe::sampler::Sampler::open(Some(&lab.path)).unwrap();
     let stats = sampler.read().unwrap().stats.expect("stats");
     stats.drop + stats.early_drop + stats.insert_failed
-}
-
-fn state_args<'a>(lab: &'a LabNetns, policy: &'a Path, state: &'a Path) -> Vec<&'a str> {
-    vec![
-        "--netns",
-        &lab.name,
-        "--policy",
-        policy.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]
 }
 
 /// Waits until expired entries are gone and the snapshot equals `before`.

@@ -3,8 +3,7 @@
 //! stops growing, the kernel expires the exemptions by itself when ctguard is gone, and a
 //! service that a stateful filter breaks once untracked is restored at once.
 
-use crate::daemon::Daemon;
-use crate::lab::{GlobalSysctl, LabNetns, run, tcp_flows_to, udp_flows, wait_until};
+use crate::lab::{Daemon, GlobalSysctl, LabNetns, run, tcp_flows_to, udp_flows, wait_until};
 use ctguard::act::nft::NftBackend;
 use ctguard::act::notrack::{PortKey, Proto};
 use ctguard::act::probe::TcpProbe;

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -269,4 +269,98 @@ pub fn tcp_flows_to(listener: &TcpListener, count: u16) -> Vec<(TcpStream, TcpSt
             (client, server)
         })
         .collect()
+}
+
+/// The policy with lab-sized timings the daemon tests run with.
+pub fn fast_policy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/daemon/fast-lab.toml")
+}
+
+/// The fast lab policy with some settings replaced, written next to the state dir.
+pub fn policy_with(dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
+    let mut text = std::fs::read_to_string(fast_policy()).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from} not in the fast policy");
+        text = text.replace(from, to);
+    }
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A running `ctguard`, killed if the test ends without stopping it.
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(cmd: &mut Command, log: PathBuf) -> Daemon {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start ctguard");
+        Daemon {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn run(args: &[&str], log: PathBuf) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
+        cmd.arg("run").args(args);
+        Daemon::start(&mut cmd, log)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_for_log(&self, text: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.log().contains(text))
+    }
+
+    /// Waits up to `limit` for the daemon to end by itself; `None` if it is still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("daemon running");
+        let mut status = None;
+        wait_until(limit, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
+    pub fn signal(&mut self, signal: i32) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("--- ctguard log ---\n{}", self.log());
+        }
+    }
+}
+
+pub fn state_args<'a>(lab: &'a LabNetns, policy: &'a Path, state: &'a Path) -> Vec<&'a str> {
+    vec![
+        "--netns",
+        &lab.name,
+        "--policy",
+        policy.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]
 }

@@ -8,6 +8,7 @@ mod ctnetlink;
 mod daemon;
 mod daemon_notrack;
 mod drill;
+mod faults;
 mod kmsg;
 mod lab;
 mod loadgen;
@@ -36,6 +37,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(record::TESTS);
     all.extend(drill::TESTS);
     all.extend(metrics::TESTS);
+    all.extend(faults::TESTS);
     all
 }
 

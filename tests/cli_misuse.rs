@@ -1,0 +1,63 @@
+//! Misusing the command line prints usage help (or where to find it) on stderr and exits non-zero (clap's 2),
+//! without touching anything.
+
+use std::process::Command;
+
+/// Runs `ctguard ARGS` and returns (exit code, stderr).
+fn ctguard(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ctguard"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.stdout.is_empty(), "{args:?} wrote to stdout");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_misuse(args: &[&str], says: &str) {
+    let (code, stderr) = ctguard(args);
+    assert_eq!(code, Some(2), "{args:?}: {stderr}");
+    assert!(stderr.contains(says), "{args:?}: {stderr}");
+    // Usage, or (for a bad value) clap's pointer to it.
+    assert!(
+        stderr.contains("Usage: ctguard") || stderr.contains("try '--help'"),
+        "{args:?}: {stderr}"
+    );
+}
+
+#[test]
+fn unknown_subcommand() {
+    assert_misuse(&["frobnicate"], "unrecognized subcommand 'frobnicate'");
+}
+
+#[test]
+fn no_subcommand() {
+    let (code, stderr) = ctguard(&[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("Commands:"), "{stderr}");
+}
+
+#[test]
+fn missing_required_argument() {
+    // rollback needs --all or --stage.
+    assert_misuse(&["rollback"], "required");
+    assert_misuse(
+        &["run", "--policy"],
+        "a value is required for '--policy <FILE>'",
+    );
+}
+
+#[test]
+fn bad_duration() {
+    assert_misuse(&["record", "--duration", "soon"], "invalid value 'soon'");
+}
+
+#[test]
+fn unknown_flag() {
+    assert_misuse(
+        &["status", "--frobnicate"],
+        "unexpected argument '--frobnicate'",
+    );
+}
