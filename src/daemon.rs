@@ -425,7 +425,7 @@ impl Daemon {
     fn carry_out(&mut self, mut decisions: Vec<Decision>) {
         while let Some(decision) = (!decisions.is_empty()).then(|| decisions.remove(0)) {
             info!(id = %decision.id, stage = decision.stage.name(), reason = %decision.reason, "decision");
-            self.metrics.decision(std::time::SystemTime::now());
+            self.metrics.decision_now();
             let incident = self.engine.state().incident.map_or(0, |i| i.id.0);
             let in_use = self.sample.count;
             let outcome = match &decision.action {

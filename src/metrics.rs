@@ -311,6 +311,12 @@ impl Metrics {
     }
 
     /// Records that a decision was made (dry-run ones too).
+    /// Stamps a decision now. The metric is a wall-clock timestamp for dashboards; the
+    /// engine itself only ever sees monotonic time.
+    pub fn decision_now(&self) {
+        self.decision(SystemTime::now());
+    }
+
     pub fn decision(&self, at: SystemTime) {
         let seconds = at
             .duration_since(UNIX_EPOCH)
