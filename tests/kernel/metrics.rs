@@ -161,9 +161,8 @@ fn table_drops_and_changes() {
         "{last}"
     );
 
-    // The kernel counters are mirrored. A scrape's own SYN may evict an entry from the
-    // full table (early_drop + 1) after the daemon's last poll, so the scraped values lie
-    // between the kernel's before (read a few polls earlier) and after the scrape.
+    // The kernel counters are mirrored, as of the daemon's last poll: never ahead of the
+    // kernel, and behind it only by what the scrapes themselves cost.
     let (mut before, mut after) = ([0; 3], [0; 3]);
     let mirrored = wait_until(Duration::from_secs(5), || {
         before = kernel_losses(&lab);
@@ -172,8 +171,10 @@ fn table_drops_and_changes() {
             last = body;
         }
         after = kernel_losses(&lab);
+        // Scraping over loopback in the full namespace itself costs a few drops (SYNs
+        // retried), which the daemon's next poll will count: allow that much lag.
         scraped_losses(&last).is_some_and(|scraped| {
-            (0..3).all(|i| before[i] <= scraped[i] && scraped[i] <= after[i])
+            (0..3).all(|i| scraped[i] <= after[i] && after[i] - scraped[i] <= 32)
         })
     });
     assert!(mirrored, "kernel {before:?}..{after:?}, scraped:\n{last}");
