@@ -7,6 +7,7 @@ mod act;
 mod ctnetlink;
 mod daemon;
 mod daemon_notrack;
+mod evict;
 mod kmsg;
 mod lab;
 mod loadgen;
@@ -32,6 +33,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(notrack::TESTS);
     all.extend(table::TESTS);
     all.extend(record::TESTS);
+    all.extend(evict::TESTS);
     all
 }
 
