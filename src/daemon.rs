@@ -23,6 +23,7 @@ here" makes it try the next one).
   while the old one stays in force.
 */
 
+use crate::act::evict::{Criteria, round as evict_round};
 use crate::act::executor::{ChangeRequest, ExecError, Executor, Reverted};
 use crate::act::nft::NftBackend;
 use crate::act::notrack::{NotrackChange, PortKey};
@@ -39,7 +40,7 @@ use crate::observe::memory::HostMemory;
 use crate::observe::sampler::Sampler;
 use crate::observe::table::{TableBreakdown, TableReader};
 use crate::observe::{ConntrackSample, KernelEvent};
-use crate::policy::{Level, Mode, Policy, StageKind};
+use crate::policy::{EvictState, Level, Mode, Policy, StageKind};
 use crate::port::Proto;
 use anyhow::Context;
 use std::collections::BTreeSet;
@@ -429,9 +430,9 @@ impl Daemon {
             let incident = self.engine.state().incident.map_or(0, |i| i.id.0);
             let in_use = self.sample.count;
             let outcome = match &decision.action {
-                Action::DryRun(inner) => {
+                dry_run @ Action::DryRun(_) => {
                     if let Some(exec) = self.rehearsal.as_mut() {
-                        let outcome = perform(exec, decision.stage, inner, incident, in_use);
+                        let outcome = perform(exec, decision.stage, dry_run, incident, in_use);
                         info!(id = %decision.id, ?outcome, "dry-run: would have done this; nothing changed");
                     }
                     continue;
@@ -516,10 +517,44 @@ fn perform(
         Action::Revert(changes) => revert_all(exec, changes, in_use),
         Action::Notrack { ports, expiry } => notrack_all(exec, stage, ports, *expiry, incident),
         Action::Untrack { ports } => untrack_all(exec, ports),
-        Action::Evict { .. } => {
-            Outcome::NotPermitted("eviction is not available in this build".into())
+        Action::Evict {
+            states,
+            min_age,
+            batch,
+        } => evict(exec.netns(), states, *min_age, *batch, true),
+        Action::DryRun(inner) => match &**inner {
+            // The rehearsal executor records writes, but a delete would be real: count only.
+            Action::Evict {
+                states,
+                min_age,
+                batch,
+            } => evict(exec.netns(), states, *min_age, *batch, false),
+            inner => perform(exec, stage, inner, incident, in_use),
+        },
+    }
+}
+
+/// One eviction round in the protected namespace, on this thread (a bounded batch is
+/// quick); with `delete` false only a count of what would go. Not journaled: deleted
+/// entries cannot be put back (see [`crate::act::evict`]), so the report is logged instead.
+fn evict(
+    netns: Option<&Path>,
+    states: &[EvictState],
+    min_age: Duration,
+    batch: u32,
+    delete: bool,
+) -> Outcome {
+    let criteria = Criteria {
+        states: states.to_vec(),
+        min_age,
+    };
+    match evict_round(netns, &criteria, batch, delete) {
+        Ok(report) => {
+            info!(%report, delete, "eviction round (not journaled: cannot be undone)");
+            Outcome::Applied
         }
-        Action::DryRun(inner) => perform(exec, stage, inner, incident, in_use),
+        Err(e) if e.is_not_permitted() => Outcome::NotPermitted(e.to_string()),
+        Err(e) => Outcome::Failed(e.to_string()),
     }
 }
 

@@ -9,6 +9,7 @@ mod daemon;
 mod daemon_notrack;
 mod drill;
 mod faults;
+mod evict;
 mod kmsg;
 mod lab;
 mod loadgen;
@@ -38,6 +39,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(drill::TESTS);
     all.extend(metrics::TESTS);
     all.extend(faults::TESTS);
+    all.extend(evict::TESTS);
     all
 }
 

@@ -44,22 +44,26 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 // include/uapi/linux/netfilter/nfnetlink.h and nfnetlink_conntrack.h
-const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+// The ones `pub(crate)` are shared with the requests of `crate::act::evict`.
+pub(crate) const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
 const IPCTNL_MSG_CT_GET: u16 = 1;
-const CTA_TUPLE_ORIG: u16 = 1;
+pub(crate) const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_STATUS: u16 = 3;
 const CTA_PROTOINFO: u16 = 4;
-const CTA_TUPLE_IP: u16 = 1;
-const CTA_TUPLE_PROTO: u16 = 2;
-const CTA_IP_V4_SRC: u16 = 1;
-const CTA_IP_V4_DST: u16 = 2;
-const CTA_IP_V6_SRC: u16 = 3;
-const CTA_IP_V6_DST: u16 = 4;
-const CTA_PROTO_NUM: u16 = 1;
-const CTA_PROTO_SRC_PORT: u16 = 2;
-const CTA_PROTO_DST_PORT: u16 = 3;
+const CTA_TIMEOUT: u16 = 7;
+pub(crate) const CTA_ID: u16 = 12;
+pub(crate) const CTA_ZONE: u16 = 18;
+pub(crate) const CTA_TUPLE_IP: u16 = 1;
+pub(crate) const CTA_TUPLE_PROTO: u16 = 2;
+pub(crate) const CTA_IP_V4_SRC: u16 = 1;
+pub(crate) const CTA_IP_V4_DST: u16 = 2;
+pub(crate) const CTA_IP_V6_SRC: u16 = 3;
+pub(crate) const CTA_IP_V6_DST: u16 = 4;
+pub(crate) const CTA_PROTO_NUM: u16 = 1;
+pub(crate) const CTA_PROTO_SRC_PORT: u16 = 2;
+pub(crate) const CTA_PROTO_DST_PORT: u16 = 3;
 const CTA_PROTOINFO_TCP: u16 = 1;
 const CTA_PROTOINFO_TCP_STATE: u16 = 1;
 // include/uapi/linux/netfilter/nf_conntrack_common.h: enum ip_conntrack_status.
@@ -72,9 +76,9 @@ const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFA_BROADCAST: u16 = 4;
 const IFADDRMSG_LEN: usize = 8;
-const NFGENMSG_LEN: usize = 4;
+pub(crate) const NFGENMSG_LEN: usize = 4;
 // include/uapi/linux/netlink.h
-const NLM_F_REQUEST: u16 = 0x1;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 // include/uapi/linux/in.h: the protocols whose tuples carry ports.
@@ -91,7 +95,7 @@ const ADDRESS_CHANNEL: &str = "rtnetlink address dump";
 /// receive queue) is restarted before the last result is reported as it is.
 const DUMP_ATTEMPTS: usize = 3;
 /// The ctnetlink socket's receive queue: room for a few 32 KiB dump datagrams.
-const RECEIVE_QUEUE_BYTES: usize = 4 << 20;
+pub(crate) const RECEIVE_QUEUE_BYTES: usize = 4 << 20;
 
 /// An IP protocol number, shown by name where it has a usual one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -165,6 +169,12 @@ pub struct Flow {
     pub status: u32,
     /// `CTA_PROTOINFO_TCP_STATE`, for TCP flows that carry it.
     pub tcp_state: Option<u8>,
+    /// `CTA_ID`: the entry's identity, which a reused tuple does not share.
+    pub id: Option<u32>,
+    /// `CTA_TIMEOUT`: whole seconds until the entry expires unless a packet refreshes it.
+    pub timeout: Option<u32>,
+    /// `CTA_ZONE`, present only for entries outside the default zone.
+    pub zone: Option<u16>,
 }
 
 impl Flow {
@@ -229,6 +239,9 @@ pub fn parse_flow(payload: &[u8]) -> Result<Flow, String> {
     let mut reply = None;
     let mut status = 0;
     let mut tcp_state = None;
+    let mut id = None;
+    let mut timeout = None;
+    let mut zone = None;
     for attribute in attributes(block) {
         let (kind, value) = attribute?;
         match kind {
@@ -236,6 +249,9 @@ pub fn parse_flow(payload: &[u8]) -> Result<Flow, String> {
             CTA_TUPLE_REPLY => reply = Some(parse_tuple("CTA_TUPLE_REPLY", value)?),
             CTA_STATUS => status = u32::from_be_bytes(fixed("CTA_STATUS", value)?),
             CTA_PROTOINFO => tcp_state = parse_tcp_state(value)?,
+            CTA_ID => id = Some(u32::from_be_bytes(fixed("CTA_ID", value)?)),
+            CTA_TIMEOUT => timeout = Some(u32::from_be_bytes(fixed("CTA_TIMEOUT", value)?)),
+            CTA_ZONE => zone = Some(u16::from_be_bytes(fixed("CTA_ZONE", value)?)),
             _ => {}
         }
     }
@@ -245,6 +261,9 @@ pub fn parse_flow(payload: &[u8]) -> Result<Flow, String> {
         reply,
         status,
         tcp_state,
+        id,
+        timeout,
+        zone,
     })
 }
 
@@ -782,6 +801,15 @@ pub fn aggregate_datagram(
     aggregator: &mut TableAggregator,
     datagram: &[u8],
 ) -> Result<(), String> {
+    flows_in_datagram(replies, datagram, |flow| aggregator.add(flow))
+}
+
+/// Feeds one table dump datagram, handing each flow in it to `each`.
+pub fn flows_in_datagram(
+    replies: &mut DumpReplies,
+    datagram: &[u8],
+    mut each: impl FnMut(&Flow),
+) -> Result<(), String> {
     const DATA_TYPE: u16 = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW;
     replies.feed(datagram, |message| {
         if message.message_type != DATA_TYPE {
@@ -790,7 +818,7 @@ pub fn aggregate_datagram(
                 message.message_type
             ));
         }
-        aggregator.add(&parse_flow(message.payload)?);
+        each(&parse_flow(message.payload)?);
         Ok(())
     })
 }
@@ -897,28 +925,45 @@ impl TableReader {
     /// attempt is, the last one is returned with `dump_interrupted` set.
     pub fn read(&mut self, top_sources: usize) -> Result<TableBreakdown, ObserveError> {
         let local = self.local_addresses()?;
-        let mut last_interrupted = None;
-        for _ in 0..DUMP_ATTEMPTS {
-            let mut aggregator = TableAggregator::new(local.clone(), top_sources);
-            let outcome = run_dump(&mut self.conntrack, table_dump_request, |replies, d| {
-                aggregate_datagram(replies, &mut aggregator, d)
-            });
-            match outcome {
-                Ok(false) => return Ok(aggregator.finish()),
-                Ok(true) => last_interrupted = Some(aggregator),
-                Err(DumpFailure::QueueOverflow) => {}
-                Err(DumpFailure::Failed(message)) => return Err(table_error(message)),
-            }
+        let (aggregator, interrupted) = stream_table(
+            &mut self.conntrack,
+            || TableAggregator::new(local.clone(), top_sources),
+            TableAggregator::add,
+        )?;
+        Ok(TableBreakdown {
+            dump_interrupted: interrupted,
+            ..aggregator.finish()
+        })
+    }
+}
+
+/// Streams the table of `socket`'s namespace through a sink made by `start`, one `add` per
+/// flow. A dump the kernel flags as interrupted, or that overflowed the receive queue, is
+/// restarted with a fresh sink; if every attempt is interrupted, the last sink is returned
+/// with `true`.
+pub fn stream_table<S>(
+    socket: &mut NetlinkSocket,
+    mut start: impl FnMut() -> S,
+    mut add: impl FnMut(&mut S, &Flow),
+) -> Result<(S, bool), ObserveError> {
+    let mut last_interrupted = None;
+    for _ in 0..DUMP_ATTEMPTS {
+        let mut sink = start();
+        let outcome = run_dump(socket, table_dump_request, |replies, d| {
+            flows_in_datagram(replies, d, |flow| add(&mut sink, flow))
+        });
+        match outcome {
+            Ok(false) => return Ok((sink, false)),
+            Ok(true) => last_interrupted = Some(sink),
+            Err(DumpFailure::QueueOverflow) => {}
+            Err(DumpFailure::Failed(message)) => return Err(table_error(message)),
         }
-        match last_interrupted {
-            Some(aggregator) => Ok(TableBreakdown {
-                dump_interrupted: true,
-                ..aggregator.finish()
-            }),
-            None => Err(table_error(format!(
-                "the receive queue overflowed (ENOBUFS) on {DUMP_ATTEMPTS} attempts in a row"
-            ))),
-        }
+    }
+    match last_interrupted {
+        Some(sink) => Ok((sink, true)),
+        None => Err(table_error(format!(
+            "the receive queue overflowed (ENOBUFS) on {DUMP_ATTEMPTS} attempts in a row"
+        ))),
     }
 }
 
@@ -1054,6 +1099,9 @@ mod tests {
         assert_eq!(reply.destination_port, Some(40004));
         assert_eq!(flow.status, 0x1a8);
         assert_eq!(flow.tcp_state, None);
+        assert_eq!(flow.id, Some(0xfc47_70fc));
+        assert_eq!(flow.timeout, Some(29));
+        assert_eq!(flow.zone, None);
         assert!(flow.is_nat());
     }
 
@@ -1182,6 +1230,9 @@ mod tests {
                 reply: Some(original.inverted()),
                 status: 0,
                 tcp_state: Some(7),
+                id: None,
+                timeout: None,
+                zone: None,
             });
         }
         let table = aggregator.finish();
