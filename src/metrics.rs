@@ -21,7 +21,7 @@ told otherwise: the endpoint has no authentication, so exposing it is an explici
 | `ctguard_kmsg_events_total{kind}` | counter | kernel log events about conntrack, by kind (`table_full`, `expectation_table_full`, `callbacks_suppressed`, `syn_flood`, `records_lost`) |
 | `ctguard_level` | gauge | pressure level: 0 normal, 1 warn, 2 act, 3 critical |
 | `ctguard_stage_active{stage}` | gauge | 1 while a stage has changes in force |
-| `ctguard_changes_total{stage,result}` | counter | changes carried out, by stage and result: `applied`, `refused` (not permitted here), `failed`, `reverted` (rolled back) |
+| `ctguard_changes_total{stage,result}` | counter | changes carried out (one per decision, which may write several knobs), by stage and result: `applied`, `refused` (not permitted here), `failed`, `reverted` (rolled back) |
 | `ctguard_incidents_total` | counter | incidents opened since start |
 | `ctguard_incident_open` | gauge | 1 while an incident is open |
 | `ctguard_last_decision_timestamp_seconds` | gauge | Unix time of the last decision (dry-run ones too); 0 before the first |
