@@ -106,6 +106,8 @@ struct Daemon {
     started: Instant,
     /// Drifts already reported, by (journal entry, live value).
     drift_seen: BTreeSet<(u64, u64)>,
+    /// Keeps the record of the open incident under `STATE_DIR/incidents`.
+    incidents: crate::incident::IncidentRecorder,
 }
 
 impl Daemon {
@@ -151,6 +153,11 @@ impl Daemon {
             state_dir = %options.state_dir.display(),
             "ctguard starting"
         );
+        let incidents = crate::incident::IncidentRecorder::new(
+            crate::incident::IncidentDir::under_state_dir(&options.state_dir),
+            std::time::SystemTime::now(),
+            options.netns.as_deref(),
+        );
         let mut daemon = Daemon {
             options,
             engine: Engine::new(policy, host),
@@ -162,6 +169,7 @@ impl Daemon {
             rehearsal,
             started: Instant::now(),
             drift_seen: BTreeSet::new(),
+            incidents,
         };
         daemon.adopt_previous_changes()?;
         Ok(daemon)
@@ -242,6 +250,7 @@ impl Daemon {
             );
         }
         self.carry_out(decisions);
+        self.incidents.on_stop(self.now());
         info!("ctguard stopped");
         Ok(())
     }
@@ -255,6 +264,8 @@ impl Daemon {
         self.note_drift();
         let now = self.now();
         let decisions = self.engine.observe(now, Input::Sample(self.sample.clone()));
+        self.incidents
+            .on_sample(now, &self.sample, &self.engine.state());
         self.carry_out(decisions);
     }
 
@@ -269,7 +280,8 @@ impl Daemon {
         // A fresh sample first, so the engine decides on the table as it is now.
         self.poll();
         let now = self.now();
-        let decisions = self.engine.observe(now, Input::Kernel(event));
+        let decisions = self.engine.observe(now, Input::Kernel(event.clone()));
+        self.incidents.on_kernel(now, &event, &self.engine.state());
         self.carry_out(decisions);
     }
 
@@ -314,6 +326,7 @@ impl Daemon {
             }
             if under_pressure {
                 warn!(entry = id, %knob, live, set, "drift during an incident: acting per policy on the live value");
+                self.incidents.note(self.started.elapsed(), format!("drift: {knob} is {live}, ctguard had set {set}; acting per policy on the live value"));
             } else {
                 warn!(entry = id, %knob, live, set, "drift: someone else changed it; leaving the manual value");
                 if let Err(e) = exec.abandon(id, live) {
@@ -327,6 +340,7 @@ impl Daemon {
     fn carry_out(&mut self, mut decisions: Vec<Decision>) {
         while let Some(decision) = (!decisions.is_empty()).then(|| decisions.remove(0)) {
             info!(id = %decision.id, stage = decision.stage.name(), reason = %decision.reason, "decision");
+            self.incidents.on_decision(self.now(), &decision);
             let incident = self.engine.state().incident.map_or(0, |i| i.id.0);
             let in_use = self.sample.count;
             let outcome = match &decision.action {
@@ -352,7 +366,10 @@ impl Daemon {
                 Outcome::Failed(why) => warn!(id = %decision.id, why, "failed"),
             }
             let now = self.now();
-            decisions.extend(self.engine.outcome(now, decision.id, outcome));
+            let more = self.engine.outcome(now, decision.id, outcome.clone());
+            self.incidents
+                .on_outcome(now, decision.id, &outcome, &self.engine.state());
+            decisions.extend(more);
         }
     }
 }

@@ -6,6 +6,7 @@ subcommand does lives in its module here.
 */
 
 pub mod check;
+pub mod incidents;
 pub mod journal;
 pub mod record;
 pub mod rollback;
@@ -52,6 +53,8 @@ pub enum Command {
     Rollback(rollback::RollbackArgs),
     /// Show what fills the conntrack table now, and which ports NOTRACK could take out.
     Top(top::TopArgs),
+    /// List the incidents ctguard recorded, or tell one (text, JSON, SVG timeline).
+    Incidents(incidents::IncidentsArgs),
 }
 
 /// `--state-dir`, shared by every command that reads or writes the journal.
@@ -74,6 +77,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Journal(args) => journal::run(args),
         Command::Rollback(args) => rollback::run(args),
         Command::Top(args) => top::run(args),
+        Command::Incidents(args) => incidents::run(args),
     }
 }
 

@@ -6,6 +6,7 @@
 mod act;
 mod ctnetlink;
 mod daemon;
+mod incidents;
 mod kmsg;
 mod lab;
 mod loadgen;
@@ -30,6 +31,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(notrack::TESTS);
     all.extend(table::TESTS);
     all.extend(record::TESTS);
+    all.extend(incidents::TESTS);
     all
 }
 
