@@ -124,6 +124,8 @@ struct Daemon {
     table_reader: Option<TableReader>,
     last_analysis: Option<Instant>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Keeps the record of the open incident under `STATE_DIR/incidents`.
+    incidents: crate::incident::IncidentRecorder,
 }
 
 /// A finished table analysis, with the reader handed back for the next one.
@@ -177,6 +179,10 @@ impl Daemon {
             state_dir = %options.state_dir.display(),
             "ctguard starting"
         );
+        let incidents = crate::incident::IncidentRecorder::starting_now(
+            crate::incident::IncidentDir::under_state_dir(&options.state_dir),
+            options.netns.as_deref(),
+        );
         let mut daemon = Daemon {
             options,
             engine: Engine::new(policy, host),
@@ -192,6 +198,7 @@ impl Daemon {
             table_reader: None,
             last_analysis: None,
             metrics: Default::default(),
+            incidents,
         };
         daemon.adopt_previous_changes()?;
         Ok(daemon)
@@ -290,6 +297,7 @@ impl Daemon {
                 Err(e) => warn!(error = %e, "could not remove the NOTRACK table"),
             }
         }
+        self.incidents.on_stop(self.now());
         info!("ctguard stopped");
         Ok(())
     }
@@ -303,6 +311,8 @@ impl Daemon {
         self.note_drift();
         let now = self.now();
         let decisions = self.engine.observe(now, Input::Sample(self.sample.clone()));
+        self.incidents
+            .on_sample(now, &self.sample, &self.engine.state());
         self.carry_out(decisions);
     }
 
@@ -318,7 +328,8 @@ impl Daemon {
         // A fresh sample first, so the engine decides on the table as it is now.
         self.poll();
         let now = self.now();
-        let decisions = self.engine.observe(now, Input::Kernel(event));
+        let decisions = self.engine.observe(now, Input::Kernel(event.clone()));
+        self.incidents.on_kernel(now, &event, &self.engine.state());
         self.carry_out(decisions);
     }
 
@@ -413,6 +424,7 @@ impl Daemon {
             self.metrics.drift();
             if under_pressure {
                 warn!(entry = id, %knob, live, set, "drift during an incident: acting per policy on the live value");
+                self.incidents.note(self.started.elapsed(), format!("drift: {knob} is {live}, ctguard had set {set}; acting per policy on the live value"));
             } else {
                 warn!(entry = id, %knob, live, set, "drift: someone else changed it; leaving the manual value");
                 if let Err(e) = exec.abandon(id, live) {
@@ -427,6 +439,7 @@ impl Daemon {
         while let Some(decision) = (!decisions.is_empty()).then(|| decisions.remove(0)) {
             info!(id = %decision.id, stage = decision.stage.name(), reason = %decision.reason, "decision");
             self.metrics.decision_now();
+            self.incidents.on_decision(self.now(), &decision);
             let incident = self.engine.state().incident.map_or(0, |i| i.id.0);
             let in_use = self.sample.count;
             let outcome = match &decision.action {
@@ -454,7 +467,10 @@ impl Daemon {
             let changed = outcome == Outcome::Applied;
             self.metrics.outcome(&decision, &outcome);
             let now = self.now();
-            decisions.extend(self.engine.outcome(now, decision.id, outcome));
+            let more = self.engine.outcome(now, decision.id, outcome.clone());
+            self.incidents
+                .on_outcome(now, decision.id, &outcome, &self.engine.state());
+            decisions.extend(more);
             if changed {
                 self.persist();
             }

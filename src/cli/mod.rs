@@ -8,6 +8,7 @@ subcommand does lives in its module here.
 pub mod check;
 pub mod drill;
 pub mod generate;
+pub mod incidents;
 pub mod journal;
 pub mod record;
 pub mod rollback;
@@ -59,6 +60,8 @@ pub enum Command {
     /// Write man pages or shell completions (for packaging).
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
+    /// List the incidents ctguard recorded, or tell one (text, JSON, SVG timeline).
+    Incidents(incidents::IncidentsArgs),
 }
 
 /// `--state-dir`, shared by every command that reads or writes the journal.
@@ -83,6 +86,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Top(args) => top::run(args),
         Command::Drill(args) => drill::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Incidents(args) => incidents::run(args),
     }
 }
 

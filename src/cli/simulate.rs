@@ -1,5 +1,6 @@
 //! `ctguard simulate`: the decision engine on a virtual clock, against a built-in scenario
-//! or a recorded trace, printing the timeline of levels, incidents and decisions.
+//! or a recorded trace, printing the timeline of levels, incidents and decisions
+//! (`--svg FILE` also draws it, see [`crate::svg`]).
 
 use crate::policy::Policy;
 use crate::simulate::{self, Scenario, SimOptions, trace};
@@ -28,6 +29,9 @@ pub struct SimulateArgs {
     /// Print the timeline as JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also draw the timeline picture (table fill against max, stage markers) as SVG.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
 }
 
 pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
@@ -62,6 +66,12 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
         ),
         (None, None) => anyhow::bail!("give --trace FILE or --scenario NAME"),
     };
+    if let Some(path) = &args.svg {
+        let chart =
+            crate::svg::Chart::from_timeline(&timeline, format!("ctguard simulate: {title}"));
+        std::fs::write(path, crate::svg::render(&chart))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.json {
         print!("{}", timeline.to_json_lines());
     } else {

@@ -10,6 +10,7 @@ mod daemon_notrack;
 mod drill;
 mod evict;
 mod faults;
+mod incidents;
 mod kmsg;
 mod lab;
 mod loadgen;
@@ -40,6 +41,7 @@ fn tests() -> Vec<(&'static str, fn())> {
     all.extend(metrics::TESTS);
     all.extend(faults::TESTS);
     all.extend(evict::TESTS);
+    all.extend(incidents::TESTS);
     all
 }
 

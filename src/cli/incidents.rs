@@ -1,0 +1,174 @@
+//! `ctguard incidents`: the incidents the daemon recorded under `STATE_DIR/incidents`, as a
+//! list, or one of them as a story, a JSON record or a timeline picture (SVG).
+
+use super::StateDir;
+use crate::incident::{self, IncidentDir, IncidentRecord, What};
+use anyhow::Context;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct IncidentsArgs {
+    #[command(flatten)]
+    pub state: StateDir,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Option<IncidentsCommand>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum IncidentsCommand {
+    /// Tell one incident: what happened, what ctguard did and why.
+    Show(ShowArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    /// The incident id (or a unique prefix of it, or `latest`).
+    pub id: String,
+    #[command(flatten)]
+    pub state: StateDir,
+    /// Print the record as JSON instead of the story.
+    #[arg(long)]
+    pub json: bool,
+    /// Also draw the timeline picture into this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+}
+
+/// One line of the list, as JSON.
+#[derive(Debug, Serialize)]
+struct Summary<'a> {
+    id: &'a str,
+    mode: &'a str,
+    opened: String,
+    /// `null` while open.
+    closed: Option<String>,
+    status: &'static str,
+    peak_ratio: f64,
+    peak_count: u64,
+    peak_max: u64,
+    drops: u64,
+    stages: &'a [String],
+    outcome: String,
+    decisions: Vec<DecisionSummary<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct DecisionSummary<'a> {
+    id: u64,
+    stage: &'a str,
+    verb: &'a str,
+    dry_run: bool,
+    what: &'a str,
+    /// `applied`, `not_permitted`, `failed`; `null` when none was recorded (dry-run).
+    result: Option<&'a str>,
+}
+
+fn summary(record: &IncidentRecord) -> Summary<'_> {
+    let decisions = record
+        .timeline
+        .iter()
+        .filter_map(|e| match &e.what {
+            What::Decision {
+                id,
+                stage,
+                verb,
+                dry_run,
+                what,
+                ..
+            } => Some(DecisionSummary {
+                id: *id,
+                stage,
+                verb,
+                dry_run: *dry_run,
+                what,
+                result: record.timeline.iter().find_map(|o| match &o.what {
+                    What::Outcome { id: of, result, .. } if of == id => Some(result.as_str()),
+                    _ => None,
+                }),
+            }),
+            _ => None,
+        })
+        .collect();
+    Summary {
+        id: &record.id,
+        mode: &record.mode,
+        opened: incident::date_time(record.opened_unix_ms),
+        closed: record.closed_unix_ms.map(incident::date_time),
+        status: match (record.closed_unix_ms, &record.interrupted) {
+            (_, Some(_)) => "interrupted",
+            (Some(_), None) => "closed",
+            (None, None) => "open",
+        },
+        peak_ratio: record.peak.ratio,
+        peak_count: record.peak.count,
+        peak_max: record.peak.max,
+        drops: record.drops,
+        stages: &record.stages,
+        outcome: record.outcome_summary(),
+        decisions,
+    }
+}
+
+pub fn run(args: IncidentsArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Some(IncidentsCommand::Show(show)) => run_show(show),
+        None => list(&args.state, args.json),
+    }
+}
+
+fn list(state: &StateDir, json: bool) -> anyhow::Result<ExitCode> {
+    let dir = IncidentDir::under_state_dir(&state.state_dir);
+    let records = dir.load_all()?;
+    if json {
+        let summaries: Vec<Summary> = records.iter().map(summary).collect();
+        println!("{}", serde_json::to_string_pretty(&summaries)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if records.is_empty() {
+        println!("no incidents recorded in {}", dir.path().display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<26} {:<23} {:<20} {:>5} {:>9}  {:<34} outcome",
+        "id", "opened", "closed", "peak", "drops", "stages"
+    );
+    for r in &records {
+        println!(
+            "{:<26} {:<23} {:<20} {:>4.0}% {:>9}  {:<34} {}",
+            r.id,
+            incident::date_time(r.opened_unix_ms),
+            r.status_label(),
+            r.peak.ratio * 100.0,
+            r.drops,
+            if r.stages.is_empty() {
+                "-".to_string()
+            } else {
+                r.stages.join(", ")
+            },
+            r.outcome_summary()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_show(args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let dir = IncidentDir::under_state_dir(&args.state.state_dir);
+    let record = dir.find(&args.id)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&record)?);
+    } else {
+        print!("{}", incident::narrative(&record));
+    }
+    if let Some(path) = &args.svg {
+        let svg = crate::svg::render(&incident::chart(&record));
+        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("timeline picture written to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
