@@ -23,9 +23,9 @@ here" makes it try the next one).
   while the old one stays in force.
 */
 
+use crate::act::choose::{Choice, choose};
 use crate::act::evict::{Criteria, round as evict_round};
 use crate::act::executor::{ChangeRequest, ExecError, Executor, Reverted};
-use crate::act::nft::NftBackend;
 use crate::act::notrack::{NotrackChange, PortKey};
 use crate::act::persist::Persistence;
 use crate::act::probe::TcpProbe;
@@ -37,6 +37,7 @@ use crate::journal::{EntryState, Journal, LiveState};
 use crate::knob::Knob;
 use crate::observe::kmsg_follower::KmsgFollower;
 use crate::observe::memory::HostMemory;
+use crate::observe::modules::KernelModules;
 use crate::observe::sampler::Sampler;
 use crate::observe::table::{TableBreakdown, TableReader};
 use crate::observe::{ConntrackSample, KernelEvent};
@@ -151,18 +152,26 @@ impl Daemon {
         let actuator = || -> Box<dyn Actuator + Send> {
             Box::new(SysctlActuator::new(Roots::default(), options.netns.clone()))
         };
+        let notrack = choose_notrack(options.netns.clone(), &policy);
         let (executor, rehearsal) = if options.dry_run || policy.mode == Mode::DryRun {
             let journal = Journal::open(&options.state_dir.join("dry-run"))?;
             let recording: Box<dyn Actuator + Send> = Box::new(RecordingActuator::new(actuator()));
-            let rehearsal = Executor::new(recording, journal, options.netns.clone())
-                .with_notrack(Box::new(RecordingNotrack::default()));
+            let rehearsal = Executor::new(recording, journal, options.netns.clone());
+            let rehearsal = match notrack {
+                Ok(choice) => rehearsal.with_notrack(Box::new(RecordingNotrack::rehearsing(
+                    choice.backend.kind(),
+                ))),
+                Err(why) => rehearsal.without_notrack(why),
+            };
             (None, Some(rehearsal))
         } else {
             match Journal::open(&options.state_dir) {
                 Ok(journal) => {
-                    let nft = NftBackend::new(options.netns.clone());
-                    let executor = Executor::new(actuator(), journal, options.netns.clone())
-                        .with_notrack(Box::new(nft));
+                    let executor = Executor::new(actuator(), journal, options.netns.clone());
+                    let executor = match notrack {
+                        Ok(choice) => executor.with_notrack(choice.backend),
+                        Err(why) => executor.without_notrack(why),
+                    };
                     (Some(executor), None)
                 }
                 Err(e) => {
@@ -314,6 +323,21 @@ impl Daemon {
         self.incidents
             .on_sample(now, &self.sample, &self.engine.state());
         self.carry_out(decisions);
+        self.expire_notrack();
+    }
+
+    /// Removes exemptions the kernel does not expire by itself (iptables rules) once their
+    /// expiry passed without a renewal, as nftables would have.
+    fn expire_notrack(&mut self) {
+        let Some(exec) = self.executor.as_mut() else {
+            return;
+        };
+        for (id, result) in exec.expire_notrack() {
+            match result {
+                Ok(()) => info!(entry = id, "NOTRACK expired without a renewal: removed"),
+                Err(e) => warn!(entry = id, error = %e, "could not remove an expired NOTRACK"),
+            }
+        }
     }
 
     fn kernel_event(&mut self, event: Option<KernelEvent>) {
@@ -637,6 +661,24 @@ fn revert_all(exec: &mut BoxedExecutor, changes: &[Change], in_use: u64) -> Outc
         }
     }
     Outcome::Applied
+}
+
+/// The NOTRACK backend for the protected namespace (see [`crate::act::choose`]), logged
+/// with the reason; or why there is none, which every NOTRACK attempt then reports.
+fn choose_notrack(netns: Option<PathBuf>, policy: &Policy) -> Result<Choice, String> {
+    let accept_untracked = policy
+        .stages
+        .notrack_hot_ports
+        .as_ref()
+        .is_some_and(|s| s.accept_untracked);
+    let chosen = KernelModules::read_host()
+        .map_err(|e| e.to_string())
+        .and_then(|modules| choose(netns, &modules, accept_untracked).map_err(|e| e.to_string()));
+    match &chosen {
+        Ok(choice) => info!(backend = %choice.backend.kind(), why = %choice.why, "NOTRACK backend"),
+        Err(why) => warn!(why, "NOTRACK unavailable; the other stages still work"),
+    }
+    chosen
 }
 
 /// Exempts ports from tracking, one at a time, each checked by a health probe: a TCP

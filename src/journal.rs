@@ -13,7 +13,7 @@ A journal that cannot be read or parsed is never overwritten: [`Journal::open`] 
 [`JournalError::Corrupt`], and the daemon then watches and reports without acting.
 */
 
-use crate::act::notrack::NotrackChange;
+use crate::act::notrack::{BackendKind, NotrackChange};
 use crate::knob::Knob;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
@@ -143,6 +143,9 @@ pub enum JournalError {
 pub struct NotrackEntry {
     pub id: EntryId,
     pub change: NotrackChange,
+    /// The backend that made it, and so the one that undoes it.
+    #[serde(default)]
+    pub backend: BackendKind,
     pub stage: String,
     pub incident: u64,
     /// The network namespace whose ruleset holds it (`None`: ctguard's own).
@@ -341,6 +344,7 @@ impl Journal {
     pub fn record_notrack(
         &mut self,
         change: NotrackChange,
+        backend: BackendKind,
         stage: &str,
         incident: u64,
         netns: Option<&Path>,
@@ -359,6 +363,7 @@ impl Journal {
         next.notrack.push(NotrackEntry {
             id,
             change,
+            backend,
             stage: stage.to_string(),
             incident,
             netns: netns.map(Path::to_path_buf),
@@ -576,11 +581,25 @@ mod tests {
         let change =
             NotrackChange::new(Proto::Tcp, 443, std::time::Duration::from_secs(60)).unwrap();
         let first = j
-            .record_notrack(change, "notrack_hot_ports", 1, None, 0)
+            .record_notrack(
+                change,
+                BackendKind::Nftables,
+                "notrack_hot_ports",
+                1,
+                None,
+                0,
+            )
             .unwrap();
         j.mark_notrack(first, EntryState::Applied, None).unwrap();
         let renewal = j
-            .record_notrack(change, "notrack_hot_ports", 1, None, 30)
+            .record_notrack(
+                change,
+                BackendKind::Nftables,
+                "notrack_hot_ports",
+                1,
+                None,
+                30,
+            )
             .unwrap();
         assert!(knob < first && first < renewal);
         let j = Journal::open(dir.path()).unwrap();

@@ -8,10 +8,11 @@ engine decided: never lower `nf_conntrack_max` below the entries in use, never s
 hash table, never act on a value that changed since the decision, never act unjournaled.
 */
 
-use super::notrack::{NotrackBackend, NotrackChange, NotrackError};
+use super::notrack::{BackendKind, NotrackBackend, NotrackChange, NotrackError};
 use super::{ActError, Actuator};
 use crate::journal::{EntryId, EntryState, Intent, Journal, JournalEntry, JournalError, LiveState};
 use crate::knob::Knob;
+use crate::observe::modules::KernelModules;
 use std::path::PathBuf;
 
 /// A change the engine decided on.
@@ -82,8 +83,11 @@ pub enum Reverted {
 /// Makes and undoes journaled changes through an actuator.
 pub struct Executor<A> {
     actuator: A,
-    /// Where NOTRACK exemptions go; `None` when this executor has no such backend.
-    notrack: Option<Box<dyn NotrackBackend + Send>>,
+    /// The kind of backend new NOTRACK exemptions are made with, or why there is none.
+    notrack: Result<BackendKind, String>,
+    /// The NOTRACK backends opened so far: the one above, and those of other kinds opened
+    /// to undo exemptions they made (journaled before a restart, or by `rollback`).
+    notrack_backends: Vec<Box<dyn NotrackBackend + Send>>,
     journal: Journal,
     /// The namespace being protected, recorded with every change: its timeouts are the
     /// ones changed, and its entry count is what a lower max must still hold.
@@ -124,7 +128,8 @@ impl<A: Actuator> Executor<A> {
     pub fn new(actuator: A, journal: Journal, netns: Option<PathBuf>) -> Self {
         Executor {
             actuator,
-            notrack: None,
+            notrack: Err("no NOTRACK backend is configured".into()),
+            notrack_backends: Vec::new(),
             journal,
             netns,
             now_unix: system_now_unix,
@@ -141,38 +146,76 @@ impl<A: Actuator> Executor<A> {
 
     /// Adds the backend NOTRACK exemptions are made with.
     pub fn with_notrack(mut self, backend: Box<dyn NotrackBackend + Send>) -> Self {
-        self.notrack = Some(backend);
+        self.notrack = Ok(backend.kind());
+        self.notrack_backends.retain(|b| b.kind() != backend.kind());
+        self.notrack_backends.push(backend);
         self
     }
 
-    fn notrack_backend(&mut self) -> Result<&mut (dyn NotrackBackend + Send), ExecError> {
-        match self.notrack.as_deref_mut() {
-            Some(backend) => Ok(backend),
-            None => Err(NotrackError::Unavailable {
-                backend: "none",
-                why: "no NOTRACK backend is configured".into(),
+    /// Makes no new NOTRACK exemptions, for this reason (said by each attempt); backends
+    /// are still opened to undo journaled ones.
+    pub fn without_notrack(mut self, why: String) -> Self {
+        self.notrack = Err(why);
+        self
+    }
+
+    /// The backend for exemptions of `kind`, opened on first use. A rehearsal stands in
+    /// for every kind, so a dry run never reaches a real backend.
+    fn backend_for(
+        &mut self,
+        kind: BackendKind,
+    ) -> Result<&mut (dyn NotrackBackend + Send), ExecError> {
+        let index = match self
+            .notrack_backends
+            .iter()
+            .position(|b| b.kind() == kind || b.is_rehearsal())
+        {
+            Some(index) => index,
+            None => {
+                let modules =
+                    KernelModules::read_host().map_err(|e| NotrackError::Unavailable {
+                        backend: kind.name(),
+                        why: e.to_string(),
+                    })?;
+                let backend = super::choose::open(kind, self.netns.clone(), &modules)?;
+                self.notrack_backends.push(backend);
+                self.notrack_backends.len() - 1
             }
-            .into()),
-        }
+        };
+        Ok(self.notrack_backends[index].as_mut())
+    }
+
+    /// The kind new exemptions are made with.
+    fn notrack_kind(&self) -> Result<BackendKind, ExecError> {
+        self.notrack.clone().map_err(|why| {
+            NotrackError::Unavailable {
+                backend: "none",
+                why,
+            }
+            .into()
+        })
     }
 
     /// Exempts a port from tracking: the backend's table is ensured, the exemption is
-    /// journaled, then added. A renewal of an exempted port restarts its expiry.
+    /// journaled (with the backend's kind), then added. A renewal of an exempted port
+    /// restarts its expiry.
     pub fn notrack(
         &mut self,
         change: NotrackChange,
         stage: &str,
         incident: u64,
     ) -> Result<EntryId, ExecError> {
-        self.notrack_backend()?.install()?;
+        let kind = self.notrack_kind()?;
+        self.backend_for(kind)?.install()?;
         let id = self.journal.record_notrack(
             change,
+            kind,
             stage,
             incident,
             self.netns.as_deref(),
             (self.now_unix)(),
         )?;
-        match self.notrack_backend()?.apply(&[change]) {
+        match self.backend_for(kind)?.apply(&[change]) {
             Ok(()) => {
                 self.journal.mark_notrack(id, EntryState::Applied, None)?;
                 Ok(id)
@@ -185,32 +228,67 @@ impl<A: Actuator> Executor<A> {
         }
     }
 
-    /// Removes a journaled exemption (gone already, e.g. expired, is fine) and marks it.
+    /// Removes a journaled exemption with the kind of backend that made it (gone already,
+    /// e.g. expired, is fine) and marks it.
     pub fn untrack(&mut self, id: EntryId, note: Option<String>) -> Result<(), ExecError> {
-        let target = self
+        let entry = self
             .journal
             .notrack_entries()
             .iter()
             .find(|e| e.id == id)
-            .ok_or(JournalError::NoSuchEntry(id))?
-            .change
-            .target();
-        self.notrack_backend()?.remove(&[target])?;
+            .ok_or(JournalError::NoSuchEntry(id))?;
+        let (kind, target) = (entry.backend, entry.change.target());
+        self.backend_for(kind)?.remove(&[target])?;
         Ok(self.journal.mark_notrack(id, EntryState::Reverted, note)?)
     }
 
-    /// Removes the NOTRACK backend's own table once no exemption of this namespace is in
-    /// force any more; says whether it did.
+    /// Removes this namespace's exemptions whose expiry has passed without a renewal, for
+    /// backends the kernel does not expire by itself (iptables), as the kernel would have.
+    /// Each result says what became of one.
+    pub fn expire_notrack(&mut self) -> Vec<(EntryId, Result<(), ExecError>)> {
+        let now = (self.now_unix)();
+        let due: Vec<EntryId> = self
+            .journal
+            .notrack_in_force()
+            .into_iter()
+            .filter(|e| {
+                e.netns == self.netns
+                    && !e.backend.expires_by_itself()
+                    && e.recorded_at + u64::from(e.change.timeout_secs) <= now
+            })
+            .map(|e| e.id)
+            .collect();
+        due.into_iter()
+            .map(|id| {
+                let note = "expired without a renewal".to_string();
+                (id, self.untrack(id, Some(note)))
+            })
+            .collect()
+    }
+
+    /// Removes each NOTRACK backend's own table once no exemption it made in this
+    /// namespace is in force any more; says whether a table was removed.
     pub fn uninstall_notrack_if_unused(&mut self) -> Result<bool, ExecError> {
         let netns = self.netns.clone();
-        let ours = |e: &&crate::journal::NotrackEntry| e.netns == netns;
-        let ever_used = self.journal.notrack_entries().iter().any(|e| ours(&e));
-        let in_use = self.journal.notrack_in_force().iter().any(ours);
-        if !ever_used || in_use || self.notrack.is_none() {
-            return Ok(false);
+        let ours: Vec<_> = self
+            .journal
+            .notrack_entries()
+            .iter()
+            .filter(|e| e.netns == netns)
+            .collect();
+        let mut kinds: Vec<BackendKind> = ours.iter().map(|e| e.backend).collect();
+        kinds.sort_by_key(|k| k.name());
+        kinds.dedup();
+        kinds.retain(|&kind| {
+            !ours
+                .iter()
+                .any(|e| e.backend == kind && e.may_be_in_force())
+        });
+        let mut removed = false;
+        for &kind in &kinds {
+            removed |= self.backend_for(kind)?.uninstall()?;
         }
-        self.notrack_backend()?.uninstall()?;
-        Ok(true)
+        Ok(removed)
     }
 
     pub fn journal(&self) -> &Journal {
@@ -653,6 +731,49 @@ mod tests {
         assert_eq!(exec.journal().notrack_in_force()[0].id, id);
         exec.untrack(id, None).unwrap();
         assert!(exec.journal().notrack_in_force().is_empty());
+    }
+
+    #[test]
+    fn iptables_exemptions_are_removed_when_their_expiry_passes() {
+        use crate::act::notrack::Proto;
+        use crate::act::recording::RecordingNotrack;
+        let (_f, exec) = fixture();
+        let mut exec = exec.with_notrack(Box::new(RecordingNotrack::rehearsing(
+            BackendKind::Iptables,
+        )));
+        exec.now_unix = || 1_000;
+        let change =
+            NotrackChange::new(Proto::Udp, 5353, std::time::Duration::from_secs(30)).unwrap();
+        let id = exec.notrack(change, "notrack_hot_ports", 1).unwrap();
+        assert_eq!(
+            exec.journal().notrack_in_force()[0].backend,
+            BackendKind::Iptables
+        );
+        exec.now_unix = || 1_029;
+        assert!(exec.expire_notrack().is_empty(), "not due yet");
+        exec.now_unix = || 1_030;
+        let expired = exec.expire_notrack();
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].0, id);
+        assert!(expired[0].1.is_ok());
+        let entry = &exec.journal().notrack_entries()[0];
+        assert_eq!(entry.state, EntryState::Reverted);
+        assert_eq!(entry.note.as_deref(), Some("expired without a renewal"));
+    }
+
+    #[test]
+    fn nftables_exemptions_are_left_to_the_kernel_to_expire() {
+        use crate::act::notrack::Proto;
+        use crate::act::recording::RecordingNotrack;
+        let (_f, exec) = fixture();
+        let mut exec = exec.with_notrack(Box::new(RecordingNotrack::default()));
+        exec.now_unix = || 1_000;
+        let change =
+            NotrackChange::new(Proto::Udp, 5353, std::time::Duration::from_secs(30)).unwrap();
+        exec.notrack(change, "notrack_hot_ports", 1).unwrap();
+        exec.now_unix = || 9_999;
+        assert!(exec.expire_notrack().is_empty());
+        assert_eq!(exec.journal().notrack_in_force().len(), 1);
     }
 
     #[test]

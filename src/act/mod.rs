@@ -10,6 +10,7 @@ Only knobs in the [`Knob`] allowlist can be named, so no policy or input can mak
 write an arbitrary path.
 */
 
+pub mod choose;
 pub mod evict;
 pub mod executor;
 pub mod iptables;

@@ -16,8 +16,8 @@ kernel (`tests/fixtures/nft/`); [`NftBackend`] only adds running nft in the name
 */
 
 use super::notrack::{
-    NotrackBackend, NotrackChange, NotrackError, NotrackedPort, PortKey, Proto, describe, program,
-    run_tool, status_text,
+    BackendKind, NotrackBackend, NotrackChange, NotrackError, NotrackedPort, PortKey, Proto,
+    describe, program, run_tool, status_text,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -629,12 +629,8 @@ impl NftBackend {
 }
 
 impl NotrackBackend for NftBackend {
-    fn name(&self) -> &'static str {
-        BACKEND
-    }
-
-    fn expires_by_itself(&self) -> bool {
-        true
+    fn kind(&self) -> BackendKind {
+        BackendKind::Nftables
     }
 
     /// Creates the table if it is missing; leaves it alone if it is exactly ctguard's;
@@ -668,8 +664,8 @@ impl NotrackBackend for NftBackend {
         self.transaction(apply_changes(changes))
     }
 
-    fn uninstall(&mut self) -> Result<(), NotrackError> {
-        self.remove_table()
+    fn uninstall(&mut self) -> Result<bool, NotrackError> {
+        self.remove_table().map(|()| true)
     }
 
     fn remove(&mut self, ports: &[PortKey]) -> Result<(), NotrackError> {

@@ -9,7 +9,9 @@ namespace, input on stdin, never through a shell).
 
 Two backends implement it: [`super::nft`] (nftables; elements carry a timeout, so the
 kernel lifts a NOTRACK by itself if ctguard dies) and [`super::iptables`] (only where
-nf_tables is missing; rules never expire, so rollback is the only way they go).
+nf_tables is missing; rules never expire, so ctguard removes them when their expiry passes
+and on rollback). [`super::choose`] picks one for the host; the journal records which
+[`BackendKind`] made each exemption, so it is undone by the same kind.
 
 Which packets a NOTRACK covers, in both backends: traffic arriving for the port
 (`prerouting`, destination port), a local server's replies (`output`, source port), and
@@ -106,6 +108,37 @@ pub struct NotrackedPort {
     pub expires: Option<Duration>,
 }
 
+/// Which backend made an exemption (journaled with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Journals written before the kind was recorded only ever used nftables.
+    #[default]
+    Nftables,
+    Iptables,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Nftables => "nftables",
+            BackendKind::Iptables => "iptables",
+        }
+    }
+
+    /// Whether the kernel lifts an exemption by itself when it is not refreshed (nftables
+    /// element timeouts); iptables rules stay until ctguard removes them.
+    pub fn expires_by_itself(self) -> bool {
+        self == BackendKind::Nftables
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A way to NOTRACK ports in one network namespace.
 ///
 /// Contract: `install` is idempotent and keeps ports already exempted; `apply` adds the
@@ -113,17 +146,21 @@ pub struct NotrackedPort {
 /// idempotent (removing an absent port is fine). Each call is one transaction where the
 /// backend allows it.
 pub trait NotrackBackend {
-    /// The backend's name for reports (`nftables`, `iptables`).
-    fn name(&self) -> &'static str;
-    /// Whether exemptions expire by themselves when not refreshed.
-    fn expires_by_itself(&self) -> bool;
+    /// Which backend this is (or rehearses).
+    fn kind(&self) -> BackendKind;
+    /// Whether this backend only records what it is asked (dry-run): it then stands in for
+    /// every kind, so a rehearsal never reaches a real backend.
+    fn is_rehearsal(&self) -> bool {
+        false
+    }
     fn install(&mut self) -> Result<(), NotrackError>;
     fn apply(&mut self, changes: &[NotrackChange]) -> Result<(), NotrackError>;
     fn remove(&mut self, ports: &[PortKey]) -> Result<(), NotrackError>;
     /// Removes what `install` made, once no exemption is left (nftables: ctguard's own
-    /// table, atomically). Backends whose rules are removed one by one have nothing left.
-    fn uninstall(&mut self) -> Result<(), NotrackError> {
-        Ok(())
+    /// table, atomically), and says whether there was such a thing. Backends whose rules
+    /// are removed one by one have nothing left.
+    fn uninstall(&mut self) -> Result<bool, NotrackError> {
+        Ok(false)
     }
 }
 

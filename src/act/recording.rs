@@ -1,7 +1,7 @@
 //! The recording actuator: reads through to a real one, records writes instead of making
 //! them. Dry-run drives it, so what it logs as "would" is exactly what enforce would do.
 
-use super::notrack::{NotrackBackend, NotrackChange, NotrackError, PortKey};
+use super::notrack::{BackendKind, NotrackBackend, NotrackChange, NotrackError, PortKey};
 use super::{ActError, Actuator};
 use crate::knob::Knob;
 use std::collections::BTreeMap;
@@ -52,19 +52,30 @@ impl<A: Actuator> Actuator for RecordingActuator<A> {
     }
 }
 
-/// A NOTRACK backend that records what it is asked to do and changes nothing.
+/// A NOTRACK backend that records what it is asked to do and changes nothing. It
+/// rehearses one kind (the one the host would use), so the dry-run journal says which.
 #[derive(Debug, Default)]
 pub struct RecordingNotrack {
+    pub rehearsing: BackendKind,
     pub applied: Vec<NotrackChange>,
     pub removed: Vec<PortKey>,
 }
 
+impl RecordingNotrack {
+    pub fn rehearsing(kind: BackendKind) -> Self {
+        RecordingNotrack {
+            rehearsing: kind,
+            ..RecordingNotrack::default()
+        }
+    }
+}
+
 impl NotrackBackend for RecordingNotrack {
-    fn name(&self) -> &'static str {
-        "recording"
+    fn kind(&self) -> BackendKind {
+        self.rehearsing
     }
 
-    fn expires_by_itself(&self) -> bool {
+    fn is_rehearsal(&self) -> bool {
         true
     }
 

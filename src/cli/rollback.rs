@@ -4,7 +4,6 @@
 
 use super::StateDir;
 use crate::act::executor::{Executor, Reverted};
-use crate::act::nft::NftBackend;
 use crate::act::persist::Persistence;
 use crate::act::sysctl::{Roots, SysctlActuator};
 use crate::journal::{EntryId, Journal};
@@ -56,8 +55,9 @@ pub fn run(args: RollbackArgs) -> anyhow::Result<ExitCode> {
     {
         let in_use = entries_in_use(netns.as_deref())?;
         let actuator = SysctlActuator::new(Roots::default(), netns.clone());
-        let nft = NftBackend::new(netns.clone());
-        let mut exec = Executor::new(actuator, journal, netns).with_notrack(Box::new(nft));
+        // Each exemption is removed by the kind of backend that made it.
+        let mut exec = Executor::new(actuator, journal, netns)
+            .without_notrack("rollback makes no NOTRACK exemptions".into());
         let had_notrack = !notrack.is_empty();
         for id in notrack {
             match exec.untrack(id, None) {

@@ -15,6 +15,7 @@ fetches those bytes. Readers never load kernel modules and never write anything.
   [`kmsg_follower`] is the async reader.
 - [`memory`]: MemTotal, the conntrack entry size, and the RAM ceilings derived from them.
 - [`activity`]: whether connection tracking is active at all.
+- [`modules`]: which kernel modules are in, so nothing ctguard does loads one.
 */
 
 pub mod activity;
@@ -22,6 +23,7 @@ pub mod ctnetlink;
 pub mod kmsg;
 pub mod kmsg_follower;
 pub mod memory;
+pub mod modules;
 pub mod sampler;
 pub mod stat;
 pub mod sysctl;

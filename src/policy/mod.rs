@@ -265,6 +265,9 @@ pub struct NotrackHotPorts {
     pub max_ports: u32,
     /// The NOTRACK rule expires on its own after this (kernel set-element timeout).
     pub expiry: Duration,
+    /// iptables fallback only: also ACCEPT the port's UNTRACKED packets at the top of the
+    /// filter table's INPUT chain, for filters that let in only ESTABLISHED/NEW.
+    pub accept_untracked: bool,
 }
 
 /// Stage 4 (opt-in): delete entries in cheap-to-lose states.
@@ -772,6 +775,7 @@ impl Context<'_> {
             deny,
             max_ports,
             expiry: self.positive(&raw.expiry, "stages.notrack_hot_ports.expiry")?,
+            accept_untracked: raw.accept_untracked,
         })
     }
 
@@ -905,12 +909,17 @@ impl fmt::Display for Policy {
                     if let Some(s) = &self.stages.notrack_hot_ports {
                         writeln!(
                             f,
-                            "ports holding ≥ {:.0}% of the table, allow {:?}, deny {:?}, at most {}, expiring after {}",
+                            "ports holding ≥ {:.0}% of the table, allow {:?}, deny {:?}, at most {}, expiring after {}{}",
                             s.min_share * 100.0,
                             s.allow,
                             s.deny,
                             s.max_ports,
-                            fmt_duration(s.expiry)
+                            fmt_duration(s.expiry),
+                            if s.accept_untracked {
+                                ", UNTRACKED accepted (iptables)"
+                            } else {
+                                ""
+                            }
                         )?;
                     }
                 }

@@ -143,6 +143,8 @@ pub struct RawNotrack {
     pub deny: Option<Spanned<Vec<u16>>>,
     pub max_ports: Spanned<u32>,
     pub expiry: Spanned<DurationValue>,
+    #[serde(default)]
+    pub accept_untracked: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,7 +1,9 @@
 //! The NOTRACK stage of `ctguard run` on the real kernel: hot local ports found from the
 //! live table are exempted in ctguard's own nftables table (never a NAT'd port), the count
 //! stops growing, the kernel expires the exemptions by itself when ctguard is gone, and a
-//! service that a stateful filter breaks once untracked is restored at once.
+//! service that a stateful filter breaks once untracked is restored at once. Where the
+//! kernel has no nf_tables (played with a fixture of the kernel's module lists), the same
+//! happens through legacy iptables rules, which ctguard removes itself when they expire.
 
 use crate::lab::{Daemon, GlobalSysctl, LabNetns, run, tcp_flows_to, udp_flows, wait_until};
 use ctguard::act::nft::NftBackend;
@@ -21,6 +23,10 @@ pub const TESTS: &[(&str, fn())] = &[
     (
         "daemon_reverts_notrack_when_the_probe_fails",
         probe_failure_reverts,
+    ),
+    (
+        "daemon_falls_back_to_legacy_iptables_where_nf_tables_is_missing",
+        iptables_fallback,
     ),
 ];
 
@@ -176,4 +182,116 @@ fn probe_failure_reverts() {
             .answers()
             .unwrap()
     );
+}
+
+/// Module lists of a kernel whose nf_tables is installed but not loaded: ctguard must not
+/// load it, so it falls back to iptables.
+fn kernel_without_nf_tables(dir: &Path) -> PathBuf {
+    let root = dir.join("kernel");
+    std::fs::create_dir_all(root.join("proc/sys/kernel")).unwrap();
+    std::fs::create_dir_all(root.join("lib/modules/fixture")).unwrap();
+    std::fs::write(root.join("proc/sys/kernel/osrelease"), "fixture\n").unwrap();
+    std::fs::write(root.join("proc/modules"), "").unwrap();
+    std::fs::write(
+        root.join("lib/modules/fixture/modules.dep"),
+        "kernel/net/netfilter/nf_tables.ko:\nkernel/net/netfilter/nft_ct.ko: kernel/net/netfilter/nf_tables.ko\n",
+    )
+    .unwrap();
+    root
+}
+
+fn iptables_fallback() {
+    let _max = GlobalSysctl::set("nf_conntrack_max", 8192);
+    let lab = LabNetns::new("ntlegacy");
+    if crate::notrack::legacy_backend(&lab, true).is_none() {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let policy = state.path().join("policy.toml");
+    let text = std::fs::read_to_string(self::policy()).unwrap();
+    std::fs::write(
+        &policy,
+        text.replace(
+            "expiry = \"4s\"",
+            "expiry = \"4s\"\naccept_untracked = true",
+        ),
+    )
+    .unwrap();
+    let modules = kernel_without_nf_tables(state.path());
+    let ctguard = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
+        cmd.env("CTGUARD_MODULES_ROOT", &modules);
+        cmd
+    };
+    let mut daemon = Daemon::start(
+        ctguard()
+            .arg("run")
+            .args(crate::lab::state_args(&lab, &policy, state.path())),
+        state.path().join("log"),
+    );
+    assert!(
+        daemon.wait_for_log("iptables fallback", Duration::from_secs(5)),
+        "{}",
+        daemon.log()
+    );
+    let rules = |table| crate::notrack::tagged_rules(&lab, table);
+    let flood = |first: u16| run_in(&lab.path, || udp_flows(first, 4000, 5353)).unwrap();
+
+    // A hot UDP port: exempted with legacy rules in both families, plus the accept rules.
+    flood(20_000);
+    assert!(
+        wait_until(Duration::from_secs(20), || rules("raw") == [3, 3]),
+        "no NOTRACK rules: {:?}\n{}",
+        rules("raw"),
+        daemon.log()
+    );
+    assert_eq!(rules("filter"), [1, 1], "UNTRACKED accept rules");
+    let before = lab.sysctl("nf_conntrack_count");
+    run_in(&lab.path, || udp_flows(40_000, 500, 5353)).unwrap();
+    let after = lab.sysctl("nf_conntrack_count");
+    assert!(after <= before + 2, "count grew from {before} to {after}");
+    // nftables was never touched.
+    assert!(
+        !run(&mut lab.exec(&["nft", "list", "tables"]))
+            .stdout
+            .windows(7)
+            .any(|w| w == b"ctguard")
+    );
+
+    // The flood ends: ctguard removes the rules itself (on recovery, or once the 4 s expiry
+    // passes without a renewal; iptables cannot expire them).
+    assert!(
+        wait_until(Duration::from_secs(60), || rules("raw") == [0, 0]),
+        "rules not removed after expiry: {:?}\n{}",
+        rules("raw"),
+        daemon.log()
+    );
+    assert_eq!(rules("filter"), [0, 0]);
+    assert!(
+        daemon
+            .log()
+            .contains("NOTRACK expired without a renewal: removed")
+    );
+
+    // Again, and ctguard dies: the rules stay (nothing expires them) until rollback.
+    flood(50_000);
+    assert!(
+        wait_until(Duration::from_secs(20), || rules("raw") == [3, 3]),
+        "no NOTRACK rules the second time\n{}",
+        daemon.log()
+    );
+    daemon.signal(libc::SIGKILL);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        rules("raw"),
+        [3, 3],
+        "iptables rules cannot expire by themselves"
+    );
+    let out = run(ctguard()
+        .args(["rollback", "--all", "--state-dir"])
+        .arg(state.path()));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("NOTRACK removed"), "{said}");
+    assert_eq!(rules("raw"), [0, 0], "{said}");
+    assert_eq!(rules("filter"), [0, 0], "{said}");
 }

@@ -8,6 +8,7 @@ use ctguard::act::iptables::IptablesBackend;
 use ctguard::act::nft::NftBackend;
 use ctguard::act::notrack::{NotrackBackend, NotrackChange, PortKey, Proto};
 use ctguard::act::probe::TcpProbe;
+use ctguard::observe::modules::KernelModules;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -26,7 +27,7 @@ pub const TESTS: &[(&str, fn())] = &[
         install_repairs_edited_table,
     ),
     (
-        "notrack_iptables_fallback_adds_and_removes_only_its_rules",
+        "notrack_iptables_legacy_fallback_adds_and_removes_only_its_rules",
         iptables_fallback,
     ),
 ];
@@ -295,24 +296,36 @@ fn probe_catches_untracked_drop() {
     assert_eq!(host_ruleset(), host_before, "the host's ruleset changed");
 }
 
-/// Counts ctguard's tagged rules in the namespace's raw table (iptables-nft: the listing
-/// is an nftables read inside the lab namespace; no module is involved).
-fn tagged_rules(lab: &LabNetns) -> usize {
-    let out = run(&mut lab.exec(&["iptables-save", "-t", "raw"])).stdout;
-    String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("--comment ctguard"))
-        .count()
+/// Counts ctguard's tagged rules in one table of the namespace, for each family's legacy
+/// tables (`iptables-legacy-save`, `ip6tables-legacy-save`).
+pub fn tagged_rules(lab: &LabNetns, table: &str) -> [usize; 2] {
+    ["iptables-legacy-save", "ip6tables-legacy-save"].map(|save| {
+        let out = run(&mut lab.exec(&[save, "-t", table])).stdout;
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("--comment ctguard"))
+            .count()
+    })
+}
+
+/// The legacy iptables backend for a lab, when using it loads no module here; otherwise
+/// the refusal must say which module it would have loaded.
+pub fn legacy_backend(lab: &LabNetns, accept_untracked: bool) -> Option<IptablesBackend> {
+    let modules = KernelModules::read_host().unwrap();
+    match IptablesBackend::for_host(Some(lab.path.clone()), &modules, accept_untracked) {
+        Ok(backend) => Some(backend),
+        Err(e) => {
+            assert!(e.to_string().contains("never loads modules"), "{e}");
+            println!(
+                "legacy iptables would load a module here ({e}); only the refusal was checked"
+            );
+            None
+        }
+    }
 }
 
 fn iptables_fallback() {
-    let version = run(Command::new("iptables-restore").arg("--version")).stdout;
-    let version = String::from_utf8_lossy(&version);
-    assert!(
-        version.contains("nf_tables"),
-        "this test drives iptables-nft only (legacy iptables could load modules): {version}"
-    );
     let host_before = host_ruleset();
     let lab = LabNetns::new("ntipt");
     let _udp = ctguard::netns::run_in(&lab.path, || {
@@ -332,18 +345,26 @@ fn iptables_fallback() {
         .unwrap();
         lab.sysctl("nf_conntrack_count").saturating_sub(before)
     };
-    let mut ipt = IptablesBackend::ipv4(Some(lab.path.clone()));
+    let Some(mut ipt) = legacy_backend(&lab, true) else {
+        return;
+    };
     ipt.install().unwrap();
     let change = NotrackChange::new(Proto::Udp, HOT_UDP, Duration::from_secs(3)).unwrap();
     ipt.apply(&[change]).unwrap();
     ipt.apply(&[change]).unwrap(); // a refresh must not duplicate the rules
-    assert_eq!(tagged_rules(&lab), 3);
+    assert_eq!(tagged_rules(&lab, "raw"), [3, 3]);
+    assert_eq!(
+        tagged_rules(&lab, "filter"),
+        [1, 1],
+        "UNTRACKED accept rules"
+    );
     let untracked = flows(HOT_UDP);
     assert!(untracked <= SLACK, "{untracked} entries while notracked");
 
     ipt.remove(&[change.target()]).unwrap();
     ipt.remove(&[change.target()]).unwrap(); // already gone: fine
-    assert_eq!(tagged_rules(&lab), 0);
+    assert_eq!(tagged_rules(&lab, "raw"), [0, 0]);
+    assert_eq!(tagged_rules(&lab, "filter"), [0, 0]);
     let tracked = flows(HOT_UDP);
     assert!(tracked >= FLOWS * 9 / 10, "{tracked} entries after removal");
     drop(lab);
