@@ -41,7 +41,7 @@ use crate::observe::modules::KernelModules;
 use crate::observe::sampler::Sampler;
 use crate::observe::table::{TableBreakdown, TableReader};
 use crate::observe::{ConntrackSample, KernelEvent};
-use crate::policy::{EvictState, Level, Mode, Policy, StageKind};
+use crate::policy::{Level, Mode, Policy, StageKind};
 use crate::port::Proto;
 use anyhow::Context;
 use std::collections::BTreeSet;
@@ -124,6 +124,10 @@ struct Daemon {
     analysis: Option<tokio::task::JoinHandle<Analysis>>,
     table_reader: Option<TableReader>,
     last_analysis: Option<Instant>,
+    /// The eviction round running on a blocking thread: its decision (and whether it
+    /// deletes or only rehearses), and the task.
+    eviction: Option<(Decision, bool)>,
+    eviction_task: Option<tokio::task::JoinHandle<Outcome>>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Keeps the record of the open incident under `STATE_DIR/incidents`.
     incidents: crate::incident::IncidentRecorder,
@@ -206,6 +210,8 @@ impl Daemon {
             analysis: None,
             table_reader: None,
             last_analysis: None,
+            eviction: None,
+            eviction_task: None,
             metrics: Default::default(),
             incidents,
         };
@@ -282,7 +288,10 @@ impl Daemon {
                 _ = interrupt.recv() => break,
                 _ = hangup.recv() => self.reload("SIGHUP"),
                 _ = policy_changes.changed() => self.reload("policy file changed"),
-                done = finished_analysis(&mut self.analysis) => self.hot_ports(done),
+                done = finished(&mut self.analysis) => self.hot_ports(done.unwrap_or_else(
+                    |e| (None, Err(format!("table analysis task failed: {e}"))),
+                )),
+                done = finished(&mut self.eviction_task) => self.eviction_done(done),
             }
             self.maybe_start_analysis();
             if watchdog.is_some() {
@@ -290,6 +299,11 @@ impl Daemon {
             }
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        // A round in progress is bounded: let it end so its outcome is accounted for.
+        if self.eviction_task.is_some() {
+            let done = finished(&mut self.eviction_task).await;
+            self.eviction_done(done);
+        }
         let now = self.now();
         let decisions = self.engine.shutdown(now);
         if !decisions.is_empty() {
@@ -459,6 +473,8 @@ impl Daemon {
     }
 
     /// Carries out decisions, feeding each outcome back until the engine has nothing more.
+    /// An eviction round goes to a blocking thread (a dump of a large table takes a while);
+    /// its outcome is fed back when it ends (see [`Daemon::eviction_done`]).
     fn carry_out(&mut self, mut decisions: Vec<Decision>) {
         while let Some(decision) = (!decisions.is_empty()).then(|| decisions.remove(0)) {
             info!(id = %decision.id, stage = decision.stage.name(), reason = %decision.reason, "decision");
@@ -466,6 +482,10 @@ impl Daemon {
             self.incidents.on_decision(self.now(), &decision);
             let incident = self.engine.state().incident.map_or(0, |i| i.id.0);
             let in_use = self.sample.count;
+            if let Some(round) = EvictionRound::of(&decision.action, &self.options.netns) {
+                self.start_eviction(decision, round);
+                continue;
+            }
             let outcome = match &decision.action {
                 dry_run @ Action::DryRun(_) => {
                     if let Some(exec) = self.rehearsal.as_mut() {
@@ -481,23 +501,64 @@ impl Daemon {
                     ),
                 },
             };
-            match &outcome {
-                Outcome::Applied => info!(id = %decision.id, "applied"),
-                Outcome::NotPermitted(why) => {
-                    warn!(id = %decision.id, why, "not permitted here; trying the next stage")
-                }
-                Outcome::Failed(why) => warn!(id = %decision.id, why, "failed"),
+            decisions.extend(self.settle(&decision, outcome));
+        }
+    }
+
+    /// Reports a decision's outcome to the engine (and the log, metrics, incident record);
+    /// returns what the engine decides next.
+    fn settle(&mut self, decision: &Decision, outcome: Outcome) -> Vec<Decision> {
+        match &outcome {
+            Outcome::Applied => info!(id = %decision.id, "applied"),
+            Outcome::NotPermitted(why) => {
+                warn!(id = %decision.id, why, "not permitted here; trying the next stage")
             }
-            let changed = outcome == Outcome::Applied;
-            self.metrics.outcome(&decision, &outcome);
-            let now = self.now();
-            let more = self.engine.outcome(now, decision.id, outcome.clone());
-            self.incidents
-                .on_outcome(now, decision.id, &outcome, &self.engine.state());
-            decisions.extend(more);
-            if changed {
-                self.persist();
+            Outcome::Failed(why) => warn!(id = %decision.id, why, "failed"),
+        }
+        let changed = outcome == Outcome::Applied;
+        self.metrics.outcome(decision, &outcome);
+        let now = self.now();
+        let more = self.engine.outcome(now, decision.id, outcome.clone());
+        self.incidents
+            .on_outcome(now, decision.id, &outcome, &self.engine.state());
+        if changed {
+            self.persist();
+        }
+        more
+    }
+
+    /// Runs an eviction round on a blocking thread. The engine makes no other decision while
+    /// a real one is pending; a rehearsal is dropped if a round is still running.
+    fn start_eviction(&mut self, decision: Decision, round: EvictionRound) {
+        if self.eviction.is_some() {
+            warn!(id = %decision.id, "an eviction round is still running; this one is skipped");
+            if round.delete {
+                let more = self.settle(
+                    &decision,
+                    Outcome::Failed("an eviction round is still running".into()),
+                );
+                self.carry_out(more);
             }
+            return;
+        }
+        let delete = round.delete;
+        let task = tokio::task::spawn_blocking(move || round.run());
+        self.eviction = Some((decision, delete));
+        self.eviction_task = Some(task);
+    }
+
+    /// Feeds a finished eviction round's outcome back (a rehearsal's is only logged).
+    fn eviction_done(&mut self, done: Result<Outcome, String>) {
+        let outcome =
+            done.unwrap_or_else(|e| Outcome::Failed(format!("eviction task failed: {e}")));
+        let Some((decision, delete)) = self.eviction.take() else {
+            return;
+        };
+        if delete {
+            let more = self.settle(&decision, outcome);
+            self.carry_out(more);
+        } else {
+            info!(id = %decision.id, ?outcome, "dry-run: would have done this; nothing changed");
         }
     }
 
@@ -557,44 +618,64 @@ fn perform(
         Action::Revert(changes) => revert_all(exec, changes, in_use),
         Action::Notrack { ports, expiry } => notrack_all(exec, stage, ports, *expiry, incident),
         Action::Untrack { ports } => untrack_all(exec, ports),
-        Action::Evict {
-            states,
-            min_age,
-            batch,
-        } => evict(exec.netns(), states, *min_age, *batch, true),
-        Action::DryRun(inner) => match &**inner {
-            // The rehearsal executor records writes, but a delete would be real: count only.
-            Action::Evict {
-                states,
-                min_age,
-                batch,
-            } => evict(exec.netns(), states, *min_age, *batch, false),
-            inner => perform(exec, stage, inner, incident, in_use),
-        },
+        // Eviction rounds run on their own thread (`EvictionRound`), never through here.
+        Action::Evict { .. } => {
+            Outcome::Failed("an eviction round is not an executor action".into())
+        }
+        Action::DryRun(inner) => perform(exec, stage, inner, incident, in_use),
     }
 }
 
-/// One eviction round in the protected namespace, on this thread (a bounded batch is
-/// quick); with `delete` false only a count of what would go. Not journaled: deleted
-/// entries cannot be put back (see [`crate::act::evict`]), so the report is logged instead.
-fn evict(
-    netns: Option<&Path>,
-    states: &[EvictState],
-    min_age: Duration,
+/// One eviction round in the protected namespace; with `delete` false (a rehearsal: the
+/// dry-run executor records writes, but a delete would be real) only a count of what would
+/// go. Not journaled: deleted entries cannot be put back (see [`crate::act::evict`]), so
+/// the report is logged instead.
+struct EvictionRound {
+    netns: Option<PathBuf>,
+    criteria: Criteria,
     batch: u32,
     delete: bool,
-) -> Outcome {
-    let criteria = Criteria {
-        states: states.to_vec(),
-        min_age,
-    };
-    match evict_round(netns, &criteria, batch, delete) {
-        Ok(report) => {
-            info!(%report, delete, "eviction round (not journaled: cannot be undone)");
-            Outcome::Applied
+}
+
+impl EvictionRound {
+    fn of(action: &Action, netns: &Option<PathBuf>) -> Option<EvictionRound> {
+        let (inner, delete) = match action {
+            Action::DryRun(inner) => (&**inner, false),
+            action => (action, true),
+        };
+        let Action::Evict {
+            states,
+            min_age,
+            batch,
+        } = inner
+        else {
+            return None;
+        };
+        Some(EvictionRound {
+            netns: netns.clone(),
+            criteria: Criteria {
+                states: states.clone(),
+                min_age: *min_age,
+            },
+            batch: *batch,
+            delete,
+        })
+    }
+
+    fn run(self) -> Outcome {
+        match evict_round(
+            self.netns.as_deref(),
+            &self.criteria,
+            self.batch,
+            self.delete,
+        ) {
+            Ok(report) => {
+                info!(%report, delete = self.delete, "eviction round (not journaled: cannot be undone)");
+                Outcome::Applied
+            }
+            Err(e) if e.is_not_permitted() => Outcome::NotPermitted(e.to_string()),
+            Err(e) => Outcome::Failed(e.to_string()),
         }
-        Err(e) if e.is_not_permitted() => Outcome::NotPermitted(e.to_string()),
-        Err(e) => Outcome::Failed(e.to_string()),
     }
 }
 
@@ -752,15 +833,13 @@ fn port_loads(breakdown: &TableBreakdown) -> Vec<PortLoad> {
         .collect()
 }
 
-/// The next finished table analysis; never, when none is running.
-async fn finished_analysis(analysis: &mut Option<tokio::task::JoinHandle<Analysis>>) -> Analysis {
-    let Some(task) = analysis.as_mut() else {
+/// The result of a blocking task once it ends; never, when none is running.
+async fn finished<T>(task: &mut Option<tokio::task::JoinHandle<T>>) -> Result<T, String> {
+    let Some(running) = task.as_mut() else {
         return std::future::pending().await;
     };
-    let done = task
-        .await
-        .unwrap_or_else(|e| (None, Err(format!("table analysis task failed: {e}"))));
-    *analysis = None;
+    let done = running.await.map_err(|e| e.to_string());
+    *task = None;
     done
 }
 
