@@ -32,6 +32,8 @@ expect -rw-r--r-- usr/share/zsh/vendor-completions/_ctguard
 expect -rw-r--r-- usr/share/fish/vendor_completions.d/ctguard.fish
 expect -rw-r--r-- usr/share/ctguard/prometheus/alerts.yml
 expect -rw-r--r-- usr/share/ctguard/policies/default.toml
+expect -rw-r--r-- usr/share/doc/ctguard/LICENSE-MIT
+expect -rw-r--r-- usr/share/doc/ctguard/LICENSE-APACHE
 
 # 2. Control data: the policy is a conffile; the unit is handled by the maintainer scripts.
 ctrl=$(mktemp -d)
@@ -42,6 +44,7 @@ grep -qx /etc/ctguard/policy.toml "$ctrl/conffiles" || fail "policy.toml is not 
 grep -q "daemon-reload" "$ctrl/postinst" || fail "postinst does not reload systemd"
 grep -q "stop ctguard.service" "$ctrl/prerm" || fail "prerm does not stop the service"
 [ "$(dpkg-deb -f "$deb" Package)" = ctguard ] || fail "package name"
+dpkg-deb -f "$deb" Suggests | grep -q iptables || fail "iptables (the NOTRACK fallback) is not suggested"
 
 # 3. dpkg unpacks it into a scratch root and registers it there.
 mkdir -p "$root/var/lib/dpkg/info" "$root/var/lib/dpkg/updates"
