@@ -486,21 +486,28 @@ impl Daemon {
                 self.start_eviction(decision, round);
                 continue;
             }
+            let mut notes = Vec::new();
             let outcome = match &decision.action {
                 dry_run @ Action::DryRun(_) => {
                     if let Some(exec) = self.rehearsal.as_mut() {
-                        let outcome = perform(exec, decision.stage, dry_run, incident, in_use);
-                        info!(id = %decision.id, ?outcome, "dry-run: would have done this; nothing changed");
+                        let outcome =
+                            perform(exec, decision.stage, dry_run, incident, in_use, &mut notes);
+                        info!(id = %decision.id, ?outcome, ?notes, "dry-run: would have done this; nothing changed");
                     }
                     continue;
                 }
                 action => match self.executor.as_mut() {
-                    Some(exec) => perform(exec, decision.stage, action, incident, in_use),
+                    Some(exec) => {
+                        perform(exec, decision.stage, action, incident, in_use, &mut notes)
+                    }
                     None => Outcome::NotPermitted(
                         "no usable journal: ctguard does not act unjournaled".into(),
                     ),
                 },
             };
+            for note in notes {
+                self.incidents.note(self.now(), note);
+            }
             decisions.extend(self.settle(&decision, outcome));
         }
     }
@@ -606,23 +613,28 @@ fn observed(sample: &ConntrackSample, knob: Knob) -> Option<u64> {
 
 /// Carries out one action through an executor. A multi-knob apply is all or nothing:
 /// when one write fails, those already made are undone before the outcome is reported.
+/// What is worth keeping with the incident besides the outcome (probe results) goes to
+/// `notes`.
 fn perform(
     exec: &mut BoxedExecutor,
     stage: StageKind,
     action: &Action,
     incident: u64,
     in_use: u64,
+    notes: &mut Vec<String>,
 ) -> Outcome {
     match action {
         Action::Apply(changes) => apply_all(exec, stage, changes, incident, in_use),
         Action::Revert(changes) => revert_all(exec, changes, in_use),
-        Action::Notrack { ports, expiry } => notrack_all(exec, stage, ports, *expiry, incident),
+        Action::Notrack { ports, expiry } => {
+            notrack_all(exec, stage, ports, *expiry, incident, notes)
+        }
         Action::Untrack { ports } => untrack_all(exec, ports),
         // Eviction rounds run on their own thread (`EvictionRound`), never through here.
         Action::Evict { .. } => {
             Outcome::Failed("an eviction round is not an executor action".into())
         }
-        Action::DryRun(inner) => perform(exec, stage, inner, incident, in_use),
+        Action::DryRun(inner) => perform(exec, stage, inner, incident, in_use, notes),
     }
 }
 
@@ -764,13 +776,15 @@ fn choose_notrack(netns: Option<PathBuf>, policy: &Policy) -> Result<Choice, Str
 
 /// Exempts ports from tracking, one at a time, each checked by a health probe: a TCP
 /// service that answered before and not after (a stateful filter dropping untracked
-/// packets) has its exemption removed at once and the stage fails with the reason.
+/// packets) has its exemption removed at once and the stage fails with the reason. Each
+/// probe's result goes to `notes`.
 fn notrack_all(
     exec: &mut BoxedExecutor,
     stage: StageKind,
     ports: &[PortKey],
     expiry: Duration,
     incident: u64,
+    notes: &mut Vec<String>,
 ) -> Outcome {
     for &port in ports {
         let change = match NotrackChange::new(port.proto, port.port, expiry) {
@@ -785,7 +799,16 @@ fn notrack_all(
             Err(e) => return outcome_of(&e),
         };
         info!(entry = id, %port, expiry = %humantime::format_duration(expiry), "NOTRACK added");
-        if answered_before && !probe.as_ref().is_some_and(|p| p.answers().unwrap_or(false)) {
+        let Some(probe) = probe else { continue };
+        if !answered_before {
+            notes.push(format!(
+                "probe: {port} did not answer a local connect before NOTRACK, so it cannot tell whether NOTRACK breaks it"
+            ));
+        } else if probe.answers().unwrap_or(false) {
+            notes.push(format!(
+                "probe: {port} answered a local connect before and after NOTRACK"
+            ));
+        } else {
             let why = format!(
                 "{port} stopped answering once untracked (a filter drops untracked packets?); \
                  NOTRACK removed at once"

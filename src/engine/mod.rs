@@ -623,19 +623,22 @@ impl Engine {
                 self.last_loss
             );
         }
-        let at = self
+        let (at, clear_below) = self
             .policy
             .levels
             .threshold(self.level)
-            .map_or(0.0, |t| t.at);
-        format!(
-            "ratio {ratio:.2} ≥ {} {at:.2} for {}",
-            self.level.name(),
-            // Whole seconds: sub-second precision is noise in a reason line.
-            humantime::format_duration(Duration::from_secs(
-                self.levels.held(self.level, now).as_secs()
-            ))
-        )
+            .map_or((0.0, 0.0), |t| (t.at, t.clear_below));
+        // Whole seconds: sub-second precision is noise in a reason line.
+        let held = humantime::format_duration(Duration::from_secs(
+            self.levels.held(self.level, now).as_secs(),
+        ));
+        let level = self.level.name();
+        if ratio >= at {
+            format!("ratio {ratio:.2} ≥ {level} {at:.2} for {held}")
+        } else {
+            // Hysteresis: the level holds until the ratio falls below its clear mark.
+            format!("ratio {ratio:.2}, {level} until below {clear_below:.2}, for {held}")
+        }
     }
 
     fn rate_limit_room(&mut self, now: Duration) -> u32 {

@@ -47,7 +47,7 @@ fn start(lab: &LabNetns, state: &Path) -> Daemon {
         ],
         state.join("log"),
     );
-    assert!(daemon.wait_for_log("ctguard starting", Duration::from_secs(5)));
+    daemon.assert_started();
     daemon
 }
 
@@ -106,6 +106,23 @@ fn notracks_hot_ports() {
     assert!(
         ports.iter().all(|p| p.port != 9999 && p.port != 7777),
         "a NAT'd port was exempted: {ports:?}"
+    );
+
+    // The health probe's result is kept with the incident.
+    let incidents = state.path().join("incidents");
+    let probe_noted = || {
+        std::fs::read_dir(&incidents).is_ok_and(|dir| {
+            dir.flatten().any(|f| {
+                std::fs::read_to_string(f.path()).is_ok_and(|t| {
+                    t.contains("probe: tcp/8080 answered a local connect before and after NOTRACK")
+                })
+            })
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), probe_noted),
+        "no probe result in the incident record\n{}",
+        daemon.log()
     );
 
     // New flows to the exempted ports are not tracked: the count stops growing.

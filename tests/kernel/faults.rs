@@ -117,23 +117,11 @@ fn table_head(lab: &LabNetns) -> String {
         .join("\n")
 }
 
-/// A lab namespace whose own UDP timeout is short (3 s, set before any snapshot), so
-/// its filled table drains in seconds.
-fn quick_lab(tag: &str) -> LabNetns {
-    let lab = LabNetns::new(tag);
-    let path = format!("/proc/sys/net/netfilter/{UDP}");
-    ctguard::netns::run_in(&lab.path, || std::fs::write(&path, "3"))
-        .unwrap()
-        .unwrap();
-    lab
-}
-
 /// A crash at `fault`, a restart that must settle the interrupted entry as `settled`,
 /// and a rollback that must restore every value exactly.
 fn crash_at(fault: &str, settled: &str, note: &str) {
-    let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
-    let _buckets = GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets"));
-    let lab = quick_lab("crash");
+    let _globals = crate::lab::small_table();
+    let lab = LabNetns::with_udp_timeout("crash", 3);
     let state = tempfile::tempdir().unwrap();
     let before = lab.snapshot();
     // Recovery takes an hour, so only the restart and the command undo anything.
@@ -145,7 +133,7 @@ fn crash_at(fault: &str, settled: &str, note: &str) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
     cmd.arg("run").args(&args).env("CTGUARD_FAULT", fault);
     let mut first = Daemon::start(&mut cmd, state.path().join("log1"));
-    assert!(first.wait_for_log("ctguard starting", Duration::from_secs(5)));
+    first.assert_started();
     lab.fill_table(2000);
     let status = first
         .wait_exit(Duration::from_secs(10))
@@ -158,7 +146,7 @@ fn crash_at(fault: &str, settled: &str, note: &str) {
 
     drain(&lab);
     let mut second = Daemon::run(&args, state.path().join("log2"));
-    assert!(second.wait_for_log("ctguard starting", Duration::from_secs(5)));
+    second.assert_started();
     assert!(
         wait_until(Duration::from_secs(5), || {
             journal_entries(state.path())
@@ -235,7 +223,7 @@ fn read_only_hashsize() {
     let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
     // Few buckets, so raising max also wants more of them.
     let _buckets = GlobalSysctl::set("nf_conntrack_buckets", 1024);
-    let lab = quick_lab("rosys");
+    let lab = LabNetns::with_udp_timeout("rosys", 3);
     let state = tempfile::tempdir().unwrap();
     let before = lab.snapshot();
     let policy = fast_policy();
@@ -250,11 +238,7 @@ fn read_only_hashsize() {
         &state_args(&lab, &policy, state.path()),
         &state.path().join("log"),
     );
-    assert!(
-        daemon.wait_for_log("ctguard starting", Duration::from_secs(5)),
-        "{}",
-        daemon.log()
-    );
+    daemon.assert_started();
     lab.fill_table(2000);
     assert!(
         wait_until(Duration::from_secs(10), || lab.sysctl(UDP) < before[UDP]),
@@ -272,9 +256,8 @@ fn read_only_hashsize() {
 
 fn no_nft_binary() {
     use ctguard::act::notrack::NotrackBackend;
-    let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
-    let _buckets = GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets"));
-    let lab = quick_lab("nonft");
+    let _globals = crate::lab::small_table();
+    let lab = LabNetns::with_udp_timeout("nonft", 3);
     let state = tempfile::tempdir().unwrap();
     let before = lab.snapshot();
 
@@ -298,7 +281,7 @@ fn no_nft_binary() {
         .args(state_args(&lab, &policy, state.path()))
         .env("PATH", "");
     let mut daemon = Daemon::start(&mut cmd, state.path().join("log"));
-    assert!(daemon.wait_for_log("ctguard starting", Duration::from_secs(5)));
+    daemon.assert_started();
     lab.fill_table(2000);
     assert!(
         wait_until(Duration::from_secs(10), || read_global("nf_conntrack_max")
@@ -315,9 +298,8 @@ fn no_nft_binary() {
 /// The daemon with its state directory on a tmpfs that `setup` breaks: the table fills,
 /// nothing may change, and the log must say the change could not be journaled.
 fn unjournaled(tag: &str, break_it: &str, why: &str) {
-    let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
-    let _buckets = GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets"));
-    let lab = quick_lab(tag);
+    let _globals = crate::lab::small_table();
+    let lab = LabNetns::with_udp_timeout(tag, 3);
     let scratch = tempfile::tempdir().unwrap();
     let state = scratch.path().join("state");
     std::fs::create_dir(&state).unwrap();
@@ -334,11 +316,7 @@ fn unjournaled(tag: &str, break_it: &str, why: &str) {
         &state_args(&lab, &policy, &state),
         &scratch.path().join("log"),
     );
-    assert!(
-        daemon.wait_for_log("ctguard starting", Duration::from_secs(5)),
-        "{}",
-        daemon.log()
-    );
+    daemon.assert_started();
     lab.fill_table(2000);
     assert!(
         daemon.wait_for_log("could not be journaled", Duration::from_secs(10)),
@@ -371,9 +349,8 @@ fn read_only_state_dir() {
 }
 
 fn corrupt_journal() {
-    let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
-    let _buckets = GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets"));
-    let lab = quick_lab("corrupt");
+    let _globals = crate::lab::small_table();
+    let lab = LabNetns::with_udp_timeout("corrupt", 3);
     let state = tempfile::tempdir().unwrap();
     let journal = state.path().join("journal.json");
     let garbage = b"{\"version\": 1, \"next_id\": 3, \"entries\": [{\"id\": 1, \"kn";
@@ -403,9 +380,8 @@ fn corrupt_journal() {
 }
 
 fn garbage_policy() {
-    let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
-    let _buckets = GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets"));
-    let lab = quick_lab("garbage");
+    let _globals = crate::lab::small_table();
+    let lab = LabNetns::with_udp_timeout("garbage", 3);
     let state = tempfile::tempdir().unwrap();
     let before = lab.snapshot();
     let policy = policy_with(state.path(), &[]);
@@ -413,7 +389,7 @@ fn garbage_policy() {
         &state_args(&lab, &policy, state.path()),
         state.path().join("log"),
     );
-    assert!(daemon.wait_for_log("ctguard starting", Duration::from_secs(5)));
+    daemon.assert_started();
     // Replaced the way config managers do it: a new file renamed over the old one.
     let next = state.path().join("policy.toml.new");
     std::fs::write(&next, b"mode = \"enforce\"\n[levels.act\nat = \xff\x00").unwrap();
@@ -445,7 +421,7 @@ const DETECTION_LIMIT: Duration = Duration::from_secs(5);
 
 fn kmsg_storm() {
     let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
-    let lab = quick_lab("storm");
+    let lab = LabNetns::with_udp_timeout("storm", 3);
     let state = tempfile::tempdir().unwrap();
     // Observe only: this test is about seeing, not acting.
     let policy = policy_with(
@@ -456,7 +432,7 @@ fn kmsg_storm() {
         &state_args(&lab, &policy, state.path()),
         state.path().join("log"),
     );
-    assert!(daemon.wait_for_log("ctguard starting", Duration::from_secs(5)));
+    daemon.assert_started();
     // Half a table, so `ctguard top` has something to dump.
     ctguard::netns::run_in(&lab.path, || {
         ctguard::loadgen::fill_udp(0, 2000, Instant::now() + Duration::from_secs(5))
@@ -539,19 +515,14 @@ fn run_with_capabilities(bounding: &str, lab: &LabNetns, policy: &Path, state: &
 }
 
 fn documented_capabilities() {
-    let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
-    let _buckets = GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets"));
-    let lab = quick_lab("caps");
+    let _globals = crate::lab::small_table();
+    let lab = LabNetns::with_udp_timeout("caps", 3);
     let state = tempfile::tempdir().unwrap();
     let before = lab.snapshot();
     let policy = fast_policy();
     let mut daemon =
         run_with_capabilities("+net_admin,+syslog,+sys_admin", &lab, &policy, state.path());
-    assert!(
-        daemon.wait_for_log("ctguard starting", Duration::from_secs(5)),
-        "{}",
-        daemon.log()
-    );
+    daemon.assert_started();
     lab.fill_table(2000);
     assert!(
         wait_until(Duration::from_secs(10), || read_global("nf_conntrack_max")
@@ -567,7 +538,7 @@ fn documented_capabilities() {
 }
 
 fn without_cap_sys_admin() {
-    let lab = quick_lab("nocap");
+    let lab = LabNetns::with_udp_timeout("nocap", 3);
     let state = tempfile::tempdir().unwrap();
     let policy = fast_policy();
     let mut daemon = run_with_capabilities("+net_admin,+syslog", &lab, &policy, state.path());

@@ -1,7 +1,7 @@
 //! Incident records from a live daemon: a filled lab table makes one incident, recorded
 //! from the first breach to the rollback, that `ctguard incidents` lists, tells and draws.
 
-use crate::lab::{GlobalSysctl, LabNetns, read_global, wait_until};
+use crate::lab::{LabNetns, wait_until};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -50,8 +50,7 @@ fn list(state: &Path) -> Vec<serde_json::Value> {
 }
 
 fn incident_is_recorded() {
-    let _max = GlobalSysctl::set("nf_conntrack_max", 4096);
-    let _buckets = GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets"));
+    let _globals = crate::lab::small_table();
     let lab = LabNetns::new("incidents");
     let state = tempfile::tempdir().unwrap();
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/daemon/fast-lab.toml");

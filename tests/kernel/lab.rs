@@ -91,6 +91,14 @@ impl LabNetns {
     }
 
     /// A command that runs inside the namespace.
+    /// A lab whose UDP entries live `secs` (the kernel default is 30 s): short-lived
+    /// flows keep the daemon tests short.
+    pub fn with_udp_timeout(tag: &str, secs: u64) -> LabNetns {
+        let lab = LabNetns::new(tag);
+        lab.set_sysctl("nf_conntrack_udp_timeout", secs);
+        lab
+    }
+
     pub fn exec(&self, argv: &[&str]) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).args(argv);
@@ -241,6 +249,15 @@ impl Drop for GlobalSysctl {
     }
 }
 
+/// The globals a daemon test lets ctguard change, restored when dropped: max lowered to
+/// 4096 so a namespace's table fills in an instant, and buckets as they are now.
+pub fn small_table() -> [GlobalSysctl; 2] {
+    [
+        GlobalSysctl::set("nf_conntrack_max", 4096),
+        GlobalSysctl::set("nf_conntrack_buckets", read_global("nf_conntrack_buckets")),
+    ]
+}
+
 /// One UDP datagram from each of `count` source ports starting at `first_source` to
 /// 127.0.0.1:`port`: one entry each (nothing listens; the entries stay unreplied).
 pub fn udp_flows(first_source: u16, count: u16, port: u16) {
@@ -320,6 +337,15 @@ impl Daemon {
 
     pub fn wait_for_log(&self, text: &str, limit: Duration) -> bool {
         wait_until(limit, || self.log().contains(text))
+    }
+
+    /// Fails the test, with the log, unless the daemon says it started within 5 s.
+    pub fn assert_started(&self) {
+        assert!(
+            self.wait_for_log("ctguard starting", Duration::from_secs(5)),
+            "ctguard did not start:\n{}",
+            self.log()
+        );
     }
 
     /// Waits up to `limit` for the daemon to end by itself; `None` if it is still running.
