@@ -73,15 +73,15 @@ impl Chart {
                 _ => None,
             })
         };
+        chart.points = timeline
+            .samples
+            .iter()
+            .filter(|&&(_, _, max)| max > 0)
+            .map(|&(t_ms, count, max)| ChartPoint { t_ms, count, max })
+            .collect();
+        chart.points.dedup_by_key(|p| p.t_ms);
         for row in &timeline.rows {
             let t_ms = row.t_ms;
-            if row.max > 0 && chart.points.last().is_none_or(|p| p.t_ms != t_ms) {
-                chart.points.push(ChartPoint {
-                    t_ms,
-                    count: row.count,
-                    max: row.max,
-                });
-            }
             if let Event::Decision {
                 id, stage, action, ..
             } = &row.event
@@ -730,6 +730,24 @@ mod tests {
             .collect();
         assert_eq!(at_twenty.len(), 2);
         assert_ne!(at_twenty[0], at_twenty[1]);
+    }
+
+    #[test]
+    fn a_simulated_flood_is_charted_from_every_sample_without_gaps() {
+        use crate::simulate::{Scenario, SimOptions, run_scenario};
+        let policy = crate::policy::Policy::embedded_default();
+        let timeline = run_scenario(policy, Scenario::Flood, SimOptions::default());
+        let chart = Chart::from_timeline(&timeline, "flood");
+        assert!(
+            chart.points.len() > timeline.rows.len(),
+            "points only at events"
+        );
+        let svg = render(&chart);
+        assert_well_formed(&svg);
+        assert!(
+            !svg.contains("no data in between"),
+            "a simulated chart has a gap"
+        );
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub struct Row {
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct Timeline {
     pub rows: Vec<Row>,
+    /// Every sample the engine saw, `(t_ms, count, max)`: rows come only with events, a
+    /// chart of the table needs the quiet stretches too. Not part of the printed timeline.
+    #[serde(skip)]
+    pub samples: Vec<(u64, u64, u64)>,
 }
 
 impl Timeline {
@@ -169,6 +173,15 @@ impl Recorder {
         }
     }
 
+    /// The table as sampled at `t`: the row columns from now on, and a chart point.
+    fn sampled(&mut self, t: Duration, sample: &ConntrackSample) {
+        self.count = sample.count;
+        self.max = sample.max;
+        self.timeline
+            .samples
+            .push((millis(t), sample.count, sample.max));
+    }
+
     fn push(&mut self, t: Duration, event: Event) {
         let ratio = if self.max == 0 {
             0.0
@@ -176,7 +189,7 @@ impl Recorder {
             self.count as f64 / self.max as f64
         };
         self.timeline.rows.push(Row {
-            t_ms: u64::try_from(t.as_millis()).unwrap_or(u64::MAX),
+            t_ms: millis(t),
             count: self.count,
             max: self.max,
             ratio,
@@ -251,6 +264,10 @@ impl Recorder {
     }
 }
 
+fn millis(t: Duration) -> u64 {
+    u64::try_from(t.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Runs a built-in scenario; the world starts with the kernel's defaults on a 4 GiB host.
 pub fn run_scenario(policy: Policy, scenario: Scenario, options: SimOptions) -> Timeline {
     let mut world = World::kernel_defaults();
@@ -264,8 +281,7 @@ pub fn run_scenario(policy: Policy, scenario: Scenario, options: SimOptions) -> 
         let dt = rec.engine.state().poll_interval;
         world.advance(dt, &load);
         let sample = world.sample();
-        rec.count = sample.count;
-        rec.max = sample.max;
+        rec.sampled(t, &sample);
         let decisions = rec.engine.observe(t, Input::Sample(sample));
         rec.handle(t, decisions, &mut |a| world.carry_out(a));
         // A table analysis, as the daemon runs one when NOTRACK could use it.
@@ -349,8 +365,7 @@ pub fn replay_trace(policy: Policy, trace: &Trace, options: SimOptions) -> Timel
         let input = match &record.body {
             TraceBody::Sample(recorded) => {
                 let s = knobs.apply_to(recorded);
-                rec.count = s.count;
-                rec.max = s.max;
+                rec.sampled(record.t, &s);
                 Input::Sample(s)
             }
             TraceBody::Event(e) => Input::Kernel(e.clone()),
