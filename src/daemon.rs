@@ -119,6 +119,8 @@ struct Daemon {
     started: Instant,
     /// Drifts already reported, by (journal entry, live value).
     drift_seen: BTreeSet<(u64, u64)>,
+    /// Expired NOTRACK entries whose removal failed (reported once).
+    expiry_failures: BTreeSet<u64>,
     /// The table analysis for the NOTRACK stage: runs on a blocking thread so a dump of a
     /// large table never delays the reaction to a kernel signal.
     analysis: Option<tokio::task::JoinHandle<Analysis>>,
@@ -207,6 +209,7 @@ impl Daemon {
             rehearsal,
             started: Instant::now(),
             drift_seen: BTreeSet::new(),
+            expiry_failures: BTreeSet::new(),
             analysis: None,
             table_reader: None,
             last_analysis: None,
@@ -349,7 +352,11 @@ impl Daemon {
         for (id, result) in exec.expire_notrack() {
             match result {
                 Ok(()) => info!(entry = id, "NOTRACK expired without a renewal: removed"),
-                Err(e) => warn!(entry = id, error = %e, "could not remove an expired NOTRACK"),
+                // Retried at every poll; said once.
+                Err(e) if self.expiry_failures.insert(id) => {
+                    warn!(entry = id, error = %e, "could not remove an expired NOTRACK; will keep trying")
+                }
+                Err(_) => {}
             }
         }
     }
