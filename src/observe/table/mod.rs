@@ -688,7 +688,9 @@ impl TableAggregator {
                 terminates_locally: c.local > 0,
             })
             .collect();
-        ports.sort_by(|a, b| {
+        // Unstable: (proto, port) is unique, so the order is the same, without the stable
+        // sort's scratch copy of every port (2.5 MiB at 64,000 ports) on top of the map.
+        ports.sort_unstable_by(|a, b| {
             b.entries
                 .cmp(&a.entries)
                 .then(a.proto.cmp(&b.proto))
