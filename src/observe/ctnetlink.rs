@@ -722,6 +722,22 @@ impl NetlinkSocket {
         let received = retry_interrupted(|| self.socket.recv(&mut &mut self.buffer[..], 0))?;
         Ok(&self.buffer[..received])
     }
+
+    /// Receives one datagram into `room` with a single `recv`, for readers that know how
+    /// large their datagrams can be (a dump's are at most 32 KiB) and offer more: it saves
+    /// [`NetlinkSocket::receive`]'s peek, which copies each datagram twice. A datagram
+    /// larger than `room` is an error, since its tail is lost.
+    pub fn receive_into(&mut self, room: &mut [u8]) -> io::Result<usize> {
+        let offered = room.len();
+        let size = retry_interrupted(|| self.socket.recv(&mut &mut room[..], libc::MSG_TRUNC))?;
+        if size > offered {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("expected a datagram of at most {offered} bytes, found {size} bytes"),
+            ));
+        }
+        Ok(size)
+    }
 }
 
 /// How a receive error reads in a report.
