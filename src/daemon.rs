@@ -35,6 +35,7 @@ use crate::act::{ActError, Actuator};
 use crate::engine::{Action, Change, Decision, Engine, Input, Outcome, PortLoad};
 use crate::journal::{EntryState, Journal, LiveState};
 use crate::knob::Knob;
+use crate::observe::kmsg::KmsgEvent;
 use crate::observe::kmsg_follower::KmsgFollower;
 use crate::observe::memory::HostMemory;
 use crate::observe::modules::KernelModules;
@@ -48,7 +49,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How `ctguard run` was asked to run.
 #[derive(Debug, Clone)]
@@ -327,10 +328,17 @@ impl Daemon {
 
     /// Takes a sample and lets the engine decide on it.
     fn poll(&mut self) {
+        let started = Instant::now();
         if let Err(e) = self.sampler.read_into(&mut self.sample) {
             warn!(error = %e, "sampling failed; will try again");
             return;
         }
+        debug!(
+            count = self.sample.count,
+            max = self.sample.max,
+            took_us = started.elapsed().as_micros() as u64,
+            "sampled"
+        );
         self.note_drift();
         let now = self.now();
         let decisions = self.engine.observe(now, Input::Sample(self.sample.clone()));
@@ -354,13 +362,23 @@ impl Daemon {
         }
     }
 
-    fn kernel_event(&mut self, event: Option<KernelEvent>) {
-        let Some(event) = event else { return };
+    fn kernel_event(&mut self, record: Option<KmsgEvent>) {
+        let Some(KmsgEvent {
+            seq,
+            timestamp_us,
+            event,
+        }) = record
+        else {
+            return;
+        };
         if let KernelEvent::TableFull { netns: Some(inode) } = event
             && Some(inode) != self.netns_inode
         {
             return;
         }
+        // The record's own kernel time (printk's clock), to tell a late wake-up from a
+        // slow reaction when reading a log.
+        debug!(seq, kernel_time_us = timestamp_us, "kernel record read");
         info!(?event, "kernel");
         self.metrics.kernel_event(&event);
         // A fresh sample first, so the engine decides on the table as it is now.
@@ -581,10 +599,10 @@ impl Daemon {
 
 /// The next event from the kernel log, or never when there is no kernel log. A read error
 /// is logged and yields `None` (the follower keeps going).
-async fn next_kernel_event(kmsg: &mut Option<KmsgFollower>) -> Option<KernelEvent> {
+async fn next_kernel_event(kmsg: &mut Option<KmsgFollower>) -> Option<KmsgEvent> {
     match kmsg {
         Some(follower) => match follower.next_event().await {
-            Ok(event) => Some(event.event),
+            Ok(event) => Some(event),
             Err(e) => {
                 warn!(error = %e, "kernel log read failed");
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -20,6 +20,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tracing::debug;
 
 /// The journal's file name inside the state directory.
 pub const FILE_NAME: &str = "journal.json";
@@ -448,6 +450,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<OnDisk, JournalError> {
 /// Replaces `dir/name` with `bytes` so that a crash leaves either the old or the new file,
 /// never a mix: temporary file, fsync, rename over, fsync of the directory. Mode 0600.
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let started = Instant::now();
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut file = OpenOptions::new()
         .write(true)
@@ -456,10 +459,22 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> 
         .mode(0o600)
         .open(&tmp)?;
     file.write_all(bytes)?;
+    let written = started.elapsed();
     file.sync_all()?;
+    let file_synced = started.elapsed();
     drop(file);
     fs::rename(&tmp, dir.join(name))?;
-    File::open(dir)?.sync_all()
+    File::open(dir)?.sync_all()?;
+    // Each fsync may wait on a shared disk: the split shows where a slow change went.
+    debug!(
+        file = %dir.join(name).display(),
+        bytes = bytes.len(),
+        write_us = written.as_micros() as u64,
+        file_fsync_us = (file_synced - written).as_micros() as u64,
+        rename_dir_fsync_us = (started.elapsed() - file_synced).as_micros() as u64,
+        "atomic write"
+    );
+    Ok(())
 }
 
 #[cfg(test)]

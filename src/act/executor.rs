@@ -14,6 +14,7 @@ use crate::journal::{EntryId, EntryState, Intent, Journal, JournalEntry, Journal
 use crate::knob::Knob;
 use crate::observe::modules::KernelModules;
 use std::path::PathBuf;
+use tracing::debug;
 
 /// A change the engine decided on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -349,10 +350,12 @@ impl<A: Actuator> Executor<A> {
             },
             (self.now_unix)(),
         )?;
+        debug!(entry = id, %knob, to, "journaled as intended; writing");
         self.crash_if(CrashPoint::AfterJournal);
         let req = &ChangeRequest { to, ..req.clone() };
         match self.actuator.write(req.knob, req.to) {
             Ok(()) => {
+                debug!(entry = id, %knob, to, "written and read back");
                 self.crash_if(CrashPoint::AfterWrite);
                 self.journal.mark(id, EntryState::Applied, None)?;
                 Ok(id)
