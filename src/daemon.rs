@@ -9,6 +9,11 @@ write), a signal, or a change to the policy file. Every decision goes through th
 into the engine, which may decide the next step at once (a stage refused as "not permitted
 here" makes it try the next one).
 
+Between a kernel signal and the first change the only disk write is the journal's record
+of that change: fsyncs on a busy disk take tens to hundreds of milliseconds. The incident
+record can wait: it is written once the turn has acted, before the next wait
+([`Daemon::write_behind`]).
+
 - `--dry-run`: the engine emits its decisions as "would"; they run through the same
   executor checks against a recording actuator and a journal of their own under
   `STATE_DIR/dry-run`, and nothing on the host changes.
@@ -280,6 +285,7 @@ impl Daemon {
         let watchdog = sd_notify::watchdog_enabled();
         self.poll();
         loop {
+            self.write_behind();
             self.metrics.observe(&self.sample, &self.engine.state());
             let wait = self.engine.state().poll_interval;
             tokio::select! {
@@ -314,6 +320,7 @@ impl Daemon {
             );
         }
         self.carry_out(decisions);
+        self.write_behind();
         if let Some(exec) = self.executor.as_mut() {
             match exec.uninstall_notrack_if_unused() {
                 Ok(true) => info!("NOTRACK table removed"),
@@ -324,6 +331,12 @@ impl Daemon {
         self.incidents.on_stop(self.now());
         info!("ctguard stopped");
         Ok(())
+    }
+
+    /// Writes what a turn left for after its reaction: the incident record.
+    fn write_behind(&mut self) {
+        let now = self.now();
+        self.incidents.flush(now);
     }
 
     /// Takes a sample and lets the engine decide on it.
