@@ -10,9 +10,9 @@ into the engine, which may decide the next step at once (a stage refused as "not
 here" makes it try the next one).
 
 Between a kernel signal and the first change the only disk write is the journal's record
-of that change: fsyncs on a busy disk take tens to hundreds of milliseconds. The incident
-record can wait: it is written once the turn has acted, before the next wait
-([`Daemon::write_behind`]).
+of that change: fsyncs on a busy disk take tens to hundreds of milliseconds. What can wait
+(the journal's "applied" marks, the incident record) is written once the turn has acted,
+before the next wait (`Daemon::write_behind`).
 
 - `--dry-run`: the engine emits its decisions as "would"; they run through the same
   executor checks against a recording actuator and a journal of their own under
@@ -137,6 +137,8 @@ struct Daemon {
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Keeps the record of the open incident under `STATE_DIR/incidents`.
     incidents: crate::incident::IncidentRecorder,
+    /// Whether writing the journal's pending marks failed last time (logged once).
+    journal_sync_failing: bool,
 }
 
 /// A finished table analysis, with the reader handed back for the next one.
@@ -220,6 +222,7 @@ impl Daemon {
             eviction_task: None,
             metrics: Default::default(),
             incidents,
+            journal_sync_failing: false,
         };
         daemon.adopt_previous_changes()?;
         Ok(daemon)
@@ -333,8 +336,23 @@ impl Daemon {
         Ok(())
     }
 
-    /// Writes what a turn left for after its reaction: the incident record.
+    /// Writes what a turn left for after its reaction: the journal's "applied" marks, then
+    /// the incident record.
     fn write_behind(&mut self) {
+        for exec in [self.executor.as_mut(), self.rehearsal.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            match exec.sync_journal() {
+                Ok(()) => self.journal_sync_failing = false,
+                Err(e) if !self.journal_sync_failing => {
+                    error!(error = %e, "could not write the journal's applied marks \
+                        (a restart settles them from the live values); will keep trying");
+                    self.journal_sync_failing = true;
+                }
+                Err(_) => {}
+            }
+        }
         let now = self.now();
         self.incidents.flush(now);
     }

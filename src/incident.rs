@@ -707,7 +707,7 @@ impl IncidentRecorder {
     }
 
     /// Writes what changed since the last flush: records that closed, and the open record
-    /// (when only samples changed, at most every [`SAMPLE_WRITE_EVERY`]). The daemon calls
+    /// (when only samples changed, at most every `SAMPLE_WRITE_EVERY`). The daemon calls
     /// this after acting, never between a signal and its reaction.
     pub fn flush(&mut self, now: Duration) {
         let failing = &mut self.write_failing;
