@@ -9,6 +9,11 @@ write), a signal, or a change to the policy file. Every decision goes through th
 into the engine, which may decide the next step at once (a stage refused as "not permitted
 here" makes it try the next one).
 
+Between a kernel signal and the first change the only disk write is the journal's record
+of that change: fsyncs on a busy disk take tens to hundreds of milliseconds. What can wait
+(the journal's "applied" marks, the incident record) is written once the turn has acted,
+before the next wait (`Daemon::write_behind`).
+
 - `--dry-run`: the engine emits its decisions as "would"; they run through the same
   executor checks against a recording actuator and a journal of their own under
   `STATE_DIR/dry-run`, and nothing on the host changes.
@@ -35,6 +40,7 @@ use crate::act::{ActError, Actuator};
 use crate::engine::{Action, Change, Decision, Engine, Input, Outcome, PortLoad};
 use crate::journal::{EntryState, Journal, LiveState};
 use crate::knob::Knob;
+use crate::observe::kmsg::KmsgEvent;
 use crate::observe::kmsg_follower::KmsgFollower;
 use crate::observe::memory::HostMemory;
 use crate::observe::modules::KernelModules;
@@ -48,7 +54,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How `ctguard run` was asked to run.
 #[derive(Debug, Clone)]
@@ -133,6 +139,8 @@ struct Daemon {
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Keeps the record of the open incident under `STATE_DIR/incidents`.
     incidents: crate::incident::IncidentRecorder,
+    /// Whether writing the journal's pending marks failed last time (logged once).
+    journal_sync_failing: bool,
 }
 
 /// A finished table analysis, with the reader handed back for the next one.
@@ -217,6 +225,7 @@ impl Daemon {
             eviction_task: None,
             metrics: Default::default(),
             incidents,
+            journal_sync_failing: false,
         };
         daemon.adopt_previous_changes()?;
         Ok(daemon)
@@ -282,6 +291,7 @@ impl Daemon {
         let watchdog = sd_notify::watchdog_enabled();
         self.poll();
         loop {
+            self.write_behind();
             self.metrics.observe(&self.sample, &self.engine.state());
             let wait = self.engine.state().poll_interval;
             tokio::select! {
@@ -316,6 +326,7 @@ impl Daemon {
             );
         }
         self.carry_out(decisions);
+        self.write_behind();
         if let Some(exec) = self.executor.as_mut() {
             match exec.uninstall_notrack_if_unused() {
                 Ok(true) => info!("NOTRACK table removed"),
@@ -328,12 +339,40 @@ impl Daemon {
         Ok(())
     }
 
+    /// Writes what a turn left for after its reaction: the journal's "applied" marks, then
+    /// the incident record.
+    fn write_behind(&mut self) {
+        for exec in [self.executor.as_mut(), self.rehearsal.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            match exec.sync_journal() {
+                Ok(()) => self.journal_sync_failing = false,
+                Err(e) if !self.journal_sync_failing => {
+                    error!(error = %e, "could not write the journal's applied marks \
+                        (a restart settles them from the live values); will keep trying");
+                    self.journal_sync_failing = true;
+                }
+                Err(_) => {}
+            }
+        }
+        let now = self.now();
+        self.incidents.flush(now);
+    }
+
     /// Takes a sample and lets the engine decide on it.
     fn poll(&mut self) {
+        let started = Instant::now();
         if let Err(e) = self.sampler.read_into(&mut self.sample) {
             warn!(error = %e, "sampling failed; will try again");
             return;
         }
+        debug!(
+            count = self.sample.count,
+            max = self.sample.max,
+            took_us = started.elapsed().as_micros() as u64,
+            "sampled"
+        );
         self.note_drift();
         let now = self.now();
         let decisions = self.engine.observe(now, Input::Sample(self.sample.clone()));
@@ -361,13 +400,23 @@ impl Daemon {
         }
     }
 
-    fn kernel_event(&mut self, event: Option<KernelEvent>) {
-        let Some(event) = event else { return };
+    fn kernel_event(&mut self, record: Option<KmsgEvent>) {
+        let Some(KmsgEvent {
+            seq,
+            timestamp_us,
+            event,
+        }) = record
+        else {
+            return;
+        };
         if let KernelEvent::TableFull { netns: Some(inode) } = event
             && Some(inode) != self.netns_inode
         {
             return;
         }
+        // The record's own kernel time (printk's clock), to tell a late wake-up from a
+        // slow reaction when reading a log.
+        debug!(seq, kernel_time_us = timestamp_us, "kernel record read");
         info!(?event, "kernel");
         self.metrics.kernel_event(&event);
         // A fresh sample first, so the engine decides on the table as it is now.
@@ -595,10 +644,10 @@ impl Daemon {
 
 /// The next event from the kernel log, or never when there is no kernel log. A read error
 /// is logged and yields `None` (the follower keeps going).
-async fn next_kernel_event(kmsg: &mut Option<KmsgFollower>) -> Option<KernelEvent> {
+async fn next_kernel_event(kmsg: &mut Option<KmsgFollower>) -> Option<KmsgEvent> {
     match kmsg {
         Some(follower) => match follower.next_event().await {
-            Ok(event) => Some(event.event),
+            Ok(event) => Some(event),
             Err(e) => {
                 warn!(error = %e, "kernel log read failed");
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -5,8 +5,11 @@ An incident opens when the engine opens one (the first level above normal) and c
 when the engine closes it (pressure gone and every change rolled back). The
 [`IncidentRecorder`] follows the daemon's hooks (samples, kernel messages, decisions,
 outcomes, notes) and keeps an [`IncidentRecord`]: a header (times, peak, drops, stages)
-and a timeline of entries. The file is rewritten atomically as the incident goes on, so a
-crash leaves a usable record (at most a few seconds of samples behind).
+and a timeline of entries. The hooks only change the record in memory; the daemon writes
+it with [`IncidentRecorder::flush`] once it has acted on what it saw, because each atomic
+rewrite costs two fsyncs, and on a busy disk those took hundreds of milliseconds that
+stood between a kernel signal and the first change. A crash leaves a usable record (at
+most one turn of the daemon, or a few seconds of samples, behind).
 
 Bounded by design: samples are kept while under pressure and once per 10 s at rest; past
 [`MAX_SAMPLES`] every other sample is dropped (its packet drops carried to the next one);
@@ -343,8 +346,9 @@ pub enum IncidentError {
 /// Follows the daemon and keeps the record of the open incident on disk.
 ///
 /// `now` is the daemon's monotonic time; `wall_start` is the wall-clock time at which
-/// `now` was zero, so entries carry real times. Write failures are logged (once until a
-/// write succeeds again) and never stop the daemon.
+/// `now` was zero, so entries carry real times. Nothing reaches the disk until
+/// [`IncidentRecorder::flush`] (or [`IncidentRecorder::on_stop`]). Write failures are logged
+/// (once until a write succeeds again) and never stop the daemon.
 #[derive(Debug)]
 pub struct IncidentRecorder {
     dir: IncidentDir,
@@ -354,7 +358,18 @@ pub struct IncidentRecorder {
     /// Recent samples while no incident is open, to show what led up to one.
     context: VecDeque<Entry>,
     last_stats: Option<ConntrackStats>,
+    /// Records closed but not written yet (kept until a write succeeds).
+    closed: Vec<IncidentRecord>,
     write_failing: bool,
+}
+
+/// What the open record holds that is not on disk yet. Samples alone are written at most
+/// every [`SAMPLE_WRITE_EVERY`]; anything else at the next flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Unsaved {
+    Nothing,
+    Samples,
+    Events,
 }
 
 #[derive(Debug)]
@@ -367,7 +382,13 @@ struct Open {
     /// Drops since the last kept sample.
     drops_pending: u64,
     last_write: Option<Duration>,
-    dirty: bool,
+    unsaved: Unsaved,
+}
+
+impl Open {
+    fn changed(&mut self, what: Unsaved) {
+        self.unsaved = self.unsaved.max(what);
+    }
 }
 
 impl IncidentRecorder {
@@ -387,6 +408,7 @@ impl IncidentRecorder {
             open: None,
             context: VecDeque::new(),
             last_stats: None,
+            closed: Vec::new(),
             write_failing: false,
         };
         recorder.mark_left_open();
@@ -461,9 +483,8 @@ impl IncidentRecorder {
             open.last_sample_kept = Some(now);
             open.last_sample_max = sample.max;
             thin_samples(&mut record.timeline);
-            open.dirty = true;
+            open.changed(Unsaved::Samples);
         }
-        self.write(now, false);
     }
 
     /// After the engine has seen a kernel message.
@@ -514,8 +535,7 @@ impl IncidentRecorder {
                 },
             ),
         }
-        open.dirty = true;
-        self.write(now, true);
+        open.changed(Unsaved::Events);
     }
 
     /// Before a decision is carried out.
@@ -546,8 +566,7 @@ impl IncidentRecorder {
         if dry_run && !matches!(verb, "rollback" | "untrack") {
             note_stage(&mut open.record, decision.stage.name());
         }
-        open.dirty = true;
-        self.write(now, true);
+        open.changed(Unsaved::Events);
     }
 
     /// After the engine has been told a decision's outcome (`state` is the engine's state
@@ -586,10 +605,9 @@ impl IncidentRecorder {
                     },
                 },
             );
-            open.dirty = true;
+            open.changed(Unsaved::Events);
         }
         self.follow(now, state);
-        self.write(now, true);
     }
 
     /// Anything else worth keeping with the open incident (probe results, drift).
@@ -603,21 +621,20 @@ impl IncidentRecorder {
                     what: What::Note { text: text.into() },
                 },
             );
-            open.dirty = true;
-            self.write(now, true);
+            open.changed(Unsaved::Events);
         }
     }
 
-    /// ctguard is stopping: the open incident's record ends here.
+    /// ctguard is stopping: the open incident's record ends here, and everything is
+    /// written.
     pub fn on_stop(&mut self, now: Duration) {
         let at = self.unix_ms(now);
-        if let Some(open) = self.open.as_mut() {
+        if let Some(mut open) = self.open.take() {
             open.record.closed_unix_ms = Some(at);
             open.record.interrupted = Some("ctguard stopped".into());
-            open.dirty = true;
-            self.write(now, true);
-            self.open = None;
+            self.closed.push(open.record);
         }
+        self.flush(now);
     }
 
     /// Opens, closes or switches the record to follow the engine's incident.
@@ -626,10 +643,7 @@ impl IncidentRecorder {
         if self.open.as_ref().map(|o| o.engine_incident) != current {
             if let Some(mut open) = self.open.take() {
                 open.record.closed_unix_ms = Some(self.unix_ms(now));
-                open.dirty = true;
-                self.open = Some(open);
-                self.write(now, true);
-                self.open = None;
+                self.closed.push(open.record);
             }
             if let Some(number) = current {
                 self.open_record(now, number, state);
@@ -650,7 +664,7 @@ impl IncidentRecorder {
                 },
             );
             open.level = state.level;
-            open.dirty = true;
+            open.changed(Unsaved::Events);
         }
     }
 
@@ -688,34 +702,49 @@ impl IncidentRecorder {
             last_sample_max: 0,
             drops_pending: 0,
             last_write: None,
-            dirty: true,
+            unsaved: Unsaved::Events,
         });
     }
 
-    /// Writes the open record if it changed; samples alone at most every few seconds.
-    fn write(&mut self, now: Duration, urgent: bool) {
+    /// Writes what changed since the last flush: records that closed, and the open record
+    /// (when only samples changed, at most every `SAMPLE_WRITE_EVERY`). The daemon calls
+    /// this after acting, never between a signal and its reaction.
+    pub fn flush(&mut self, now: Duration) {
+        let failing = &mut self.write_failing;
+        self.closed
+            .retain(|record| !save_logged(&self.dir, failing, record));
         let Some(open) = self.open.as_mut() else {
             return;
         };
-        let due = open
-            .last_write
-            .is_none_or(|t| now.saturating_sub(t) >= SAMPLE_WRITE_EVERY);
-        if !open.dirty || !(urgent || due) {
-            return;
+        let due = match open.unsaved {
+            Unsaved::Nothing => false,
+            Unsaved::Samples => open
+                .last_write
+                .is_none_or(|t| now.saturating_sub(t) >= SAMPLE_WRITE_EVERY),
+            Unsaved::Events => true,
+        };
+        if due && save_logged(&self.dir, failing, &open.record) {
+            open.unsaved = Unsaved::Nothing;
+            open.last_write = Some(now);
         }
-        match self.dir.save(&open.record) {
-            Ok(()) => {
-                open.dirty = false;
-                open.last_write = Some(now);
-                self.write_failing = false;
+    }
+}
+
+/// Writes one record; says whether it was written. A failure is logged once until a
+/// write succeeds again (`failing` remembers).
+fn save_logged(dir: &IncidentDir, failing: &mut bool, record: &IncidentRecord) -> bool {
+    match dir.save(record) {
+        Ok(()) => {
+            *failing = false;
+            true
+        }
+        Err(e) => {
+            if !*failing {
+                warn!(error = %e, dir = %dir.path().display(), id = record.id,
+                    "could not write the incident record; will keep trying");
             }
-            Err(e) => {
-                if !self.write_failing {
-                    warn!(error = %e, dir = %self.dir.path().display(), id = open.record.id,
-                        "could not write the incident record; will keep trying");
-                }
-                self.write_failing = true;
-            }
+            *failing = true;
+            false
         }
     }
 }
@@ -1180,6 +1209,7 @@ mod tests {
         rec.on_decision(secs(80), &raise(2, 5768, 4096, true));
         rec.on_outcome(secs(82), DecisionId(2), &Outcome::Applied, &quiet);
         assert!(rec.open_id().is_none(), "closed with the engine's incident");
+        rec.flush(secs(82));
         let mut all = IncidentDir::new(dir).load_all().unwrap();
         assert_eq!(all.len(), 1);
         all.remove(0)
@@ -1226,6 +1256,8 @@ mod tests {
         let critical = state(Level::Critical, Some(1));
         rec.on_sample(secs(1), &sample(4000, 4096, 0), &critical);
         rec.on_decision(secs(1), &raise(1, 4096, 5768, false));
+        // The daemon flushes after each turn; the crash comes after that.
+        rec.flush(secs(1));
         drop(rec);
         let left = IncidentDir::new(dir.path()).find("latest").unwrap();
         assert!(left.is_open());
@@ -1240,6 +1272,37 @@ mod tests {
         assert_eq!(reopened.status_label(), "interrupted");
         again.on_sample(secs(1), &sample(4000, 4096, 0), &critical);
         assert_eq!(again.open_id(), Some("2026-11-22T03-16-03Z-1.2"));
+    }
+
+    #[test]
+    fn hooks_leave_the_disk_alone_until_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rec = recorder(dir.path());
+        let critical = state(Level::Critical, Some(1));
+        rec.on_sample(secs(1), &sample(4096, 4096, 3), &critical);
+        rec.on_kernel(secs(1), &KernelEvent::TableFull { netns: None }, &critical);
+        rec.on_decision(secs(1), &raise(1, 4096, 5768, false));
+        rec.on_outcome(secs(1), DecisionId(1), &Outcome::Applied, &critical);
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files, 0, "written before the daemon acted");
+        rec.flush(secs(1));
+        let written = IncidentDir::new(dir.path()).find("latest").unwrap();
+        assert_eq!(
+            written.outcome_summary(),
+            "1 applied, 0 not permitted, 0 failed"
+        );
+        // A sample alone waits for SAMPLE_WRITE_EVERY; anything else goes at the next flush.
+        rec.on_sample(secs(2), &sample(5000, 5768, 3), &critical);
+        rec.flush(secs(2));
+        let unchanged = IncidentDir::new(dir.path()).find("latest").unwrap();
+        assert_eq!(unchanged, written);
+        rec.flush(secs(1) + SAMPLE_WRITE_EVERY);
+        let later = IncidentDir::new(dir.path()).find("latest").unwrap();
+        let last_count = later.timeline.iter().rev().find_map(|e| match e.what {
+            What::Sample { count, .. } => Some(count),
+            _ => None,
+        });
+        assert_eq!(last_count, Some(5000));
     }
 
     #[test]

@@ -6,8 +6,15 @@ command, and after a crash.
 The journal is one small JSON document under the state directory, rewritten atomically on
 every transition (temporary file, fsync, rename, fsync of the directory; mode 0600). An
 entry goes `Intended → Applied | Failed`, and later `Applied → Reverted`. An entry left
-`Intended` by a crash may or may not have reached the kernel; [`Journal::reconcile`] decides
-from the live value.
+`Intended` by a crash may or may not have reached the kernel; the executor's `reconcile`
+decides from the live value.
+
+That is also why `Intended → Applied` alone may wait ([`Journal::mark_applied_later`]): it
+rides on the next durable write, or on [`Journal::sync`], which the daemon calls once it
+has acted. A crash before then leaves `Intended`, settled at start like any interrupted
+change; every other transition is durable before the call returns. Each durable write costs
+two fsyncs, which on a busy disk took tens of milliseconds: one per change instead of two
+keeps them from piling up in front of the next change.
 
 A journal that cannot be read or parsed is never overwritten: [`Journal::open`] fails with
 [`JournalError::Corrupt`], and the daemon then watches and reports without acting.
@@ -20,6 +27,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tracing::debug;
 
 /// The journal's file name inside the state directory.
 pub const FILE_NAME: &str = "journal.json";
@@ -135,6 +144,10 @@ pub enum JournalError {
     Corrupt { path: PathBuf, detail: String },
     #[error("journal entry {0} does not exist")]
     NoSuchEntry(EntryId),
+    #[error(
+        "journal entry {id} is {state}, not intended: only an intended entry waits for its applied mark"
+    )]
+    NotIntended { id: EntryId, state: &'static str },
 }
 
 /// One NOTRACK exemption ctguard added (an nftables set element or an iptables rule).
@@ -177,6 +190,8 @@ struct OnDisk {
 pub struct Journal {
     dir: PathBuf,
     state: OnDisk,
+    /// Whether `state` holds marks not on disk yet (see [`Journal::mark_applied_later`]).
+    unsynced: bool,
 }
 
 /// A change about to be made, as the caller describes it.
@@ -218,6 +233,7 @@ impl Journal {
         Ok(Journal {
             dir: dir.to_path_buf(),
             state: on_disk,
+            unsynced: false,
         })
     }
 
@@ -287,6 +303,41 @@ impl Journal {
                 entry.note = note;
             }
         })
+    }
+
+    /// Marks an `Intended` entry `Applied` in memory; the next durable write carries it
+    /// (any other transition, or [`Journal::sync`]). Safe to lose in a crash: an entry left
+    /// `Intended` is settled at start from the live value, as one interrupted after its
+    /// write. Only this transition may wait; an entry in another state is an error.
+    pub fn mark_applied_later(&mut self, id: EntryId) -> Result<(), JournalError> {
+        let entry = self
+            .state
+            .entries
+            .iter_mut()
+            .find(|e| e.id == id)
+            .ok_or(JournalError::NoSuchEntry(id))?;
+        if entry.state != EntryState::Intended {
+            return Err(JournalError::NotIntended {
+                id,
+                state: entry.state.name(),
+            });
+        }
+        entry.state = EntryState::Applied;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Writes marks that are only in memory, durably; nothing when there are none.
+    pub fn sync(&mut self) -> Result<(), JournalError> {
+        if self.unsynced {
+            self.commit(self.snapshot())?;
+        }
+        Ok(())
+    }
+
+    /// Whether every mark is on disk.
+    pub fn is_synced(&self) -> bool {
+        !self.unsynced
     }
 
     /// Records, before it is made, a step of a stepwise revert: the knob goes from the
@@ -409,7 +460,8 @@ impl Journal {
     }
 
     /// Writes `next` to disk and only then adopts it in memory, so memory never runs ahead
-    /// of what a crash would leave behind.
+    /// of what a crash would leave behind (but for [`Journal::mark_applied_later`], whose
+    /// marks `next` carries).
     fn commit(&mut self, next: OnDisk) -> Result<(), JournalError> {
         let bytes = serde_json::to_vec_pretty(&next).expect("journal serialises");
         write_atomically(&self.dir, FILE_NAME, &bytes).map_err(|source| JournalError::Io {
@@ -417,6 +469,7 @@ impl Journal {
             source,
         })?;
         self.state = next;
+        self.unsynced = false;
         Ok(())
     }
 }
@@ -448,6 +501,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<OnDisk, JournalError> {
 /// Replaces `dir/name` with `bytes` so that a crash leaves either the old or the new file,
 /// never a mix: temporary file, fsync, rename over, fsync of the directory. Mode 0600.
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let started = Instant::now();
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut file = OpenOptions::new()
         .write(true)
@@ -456,10 +510,22 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> 
         .mode(0o600)
         .open(&tmp)?;
     file.write_all(bytes)?;
+    let written = started.elapsed();
     file.sync_all()?;
+    let file_synced = started.elapsed();
     drop(file);
     fs::rename(&tmp, dir.join(name))?;
-    File::open(dir)?.sync_all()
+    File::open(dir)?.sync_all()?;
+    // Each fsync may wait on a shared disk: the split shows where a slow change went.
+    debug!(
+        file = %dir.join(name).display(),
+        bytes = bytes.len(),
+        write_us = written.as_micros() as u64,
+        file_fsync_us = (file_synced - written).as_micros() as u64,
+        rename_dir_fsync_us = (started.elapsed() - file_synced).as_micros() as u64,
+        "atomic write"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -610,6 +676,41 @@ mod tests {
             j.in_force_newest_first().len(),
             1,
             "knob entries unaffected"
+        );
+    }
+
+    #[test]
+    fn an_applied_mark_waits_for_the_next_write_or_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let a = j.record(intent(Knob::Max, 1, 2), 0).unwrap();
+        j.mark_applied_later(a).unwrap();
+        assert_eq!(j.entry(a).unwrap().state, EntryState::Applied);
+        assert!(!j.is_synced());
+        let on_disk = |id| Journal::open(dir.path()).unwrap().entry(id).unwrap().state;
+        assert_eq!(
+            on_disk(a),
+            EntryState::Intended,
+            "a crash here leaves intended"
+        );
+        // The next record carries it.
+        let b = j
+            .record(
+                intent(Knob::Timeout(TimeoutKnob::Established), 432000, 3600),
+                0,
+            )
+            .unwrap();
+        assert!(j.is_synced());
+        assert_eq!(on_disk(a), EntryState::Applied);
+        j.mark_applied_later(b).unwrap();
+        j.sync().unwrap();
+        assert_eq!(on_disk(b), EntryState::Applied);
+        assert!(j.is_synced());
+        // Only an intended entry may be marked so.
+        let err = j.mark_applied_later(b).unwrap_err();
+        assert!(
+            err.to_string().contains("is applied, not intended"),
+            "{err}"
         );
     }
 

@@ -1,7 +1,10 @@
 /*!
 The executor carries out changes on the host in the one safe order: re-read the live value,
-journal the change, write it, read it back, mark the journal. It also undoes changes from
-the journal (rollback) and reconciles the journal with the host after a restart.
+journal the change (durably), write it, read it back, mark the journal. The "applied" mark
+rides on the next journal write or [`Executor::sync_journal`] (a crash before then leaves
+the entry "intended", which [`Executor::reconcile`] settles from the live value), so each
+change costs one durable journal write, not two. It also undoes changes from the journal
+(rollback) and reconciles the journal with the host after a restart.
 
 It holds the last line of defence for the rules ctguard must never break, whatever the
 engine decided: never lower `nf_conntrack_max` below the entries in use, never shrink the
@@ -14,6 +17,7 @@ use crate::journal::{EntryId, EntryState, Intent, Journal, JournalEntry, Journal
 use crate::knob::Knob;
 use crate::observe::modules::KernelModules;
 use std::path::PathBuf;
+use tracing::debug;
 
 /// A change the engine decided on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,6 +299,11 @@ impl<A: Actuator> Executor<A> {
         &self.journal
     }
 
+    /// Writes the journal's marks that are only in memory (see [`Executor::apply`]).
+    pub fn sync_journal(&mut self) -> Result<(), ExecError> {
+        Ok(self.journal.sync()?)
+    }
+
     /// The namespace this executor protects.
     pub fn netns(&self) -> Option<&std::path::Path> {
         self.netns.as_deref()
@@ -314,8 +323,9 @@ impl<A: Actuator> Executor<A> {
         &mut self.actuator
     }
 
-    /// Makes one change: re-read, check, journal, write, verify, mark. `in_use` is the
-    /// table's current entry count (for the max floor).
+    /// Makes one change: re-read, check, journal, write, verify, mark (in memory until the
+    /// next journal write or [`Executor::sync_journal`]). `in_use` is the table's current
+    /// entry count (for the max floor).
     ///
     /// A knob ctguard already changed (and someone may have reset since) keeps its first
     /// original: the new entry takes over the old one, so rollback restores the value from
@@ -349,12 +359,14 @@ impl<A: Actuator> Executor<A> {
             },
             (self.now_unix)(),
         )?;
+        debug!(entry = id, %knob, to, "journaled as intended; writing");
         self.crash_if(CrashPoint::AfterJournal);
         let req = &ChangeRequest { to, ..req.clone() };
         match self.actuator.write(req.knob, req.to) {
             Ok(()) => {
+                debug!(entry = id, %knob, to, "written and read back");
                 self.crash_if(CrashPoint::AfterWrite);
-                self.journal.mark(id, EntryState::Applied, None)?;
+                self.journal.mark_applied_later(id)?;
                 Ok(id)
             }
             Err(e) => {
@@ -521,11 +533,12 @@ mod tests {
     use crate::act::recording::RecordingActuator;
     use crate::act::sysctl::{Roots, SysctlActuator};
     use crate::knob::TimeoutKnob;
+    use std::path::Path;
 
     const EST: Knob = Knob::Timeout(TimeoutKnob::Established);
 
     struct Fixture {
-        _dir: tempfile::TempDir,
+        dir: tempfile::TempDir,
         state: PathBuf,
         nf: PathBuf,
     }
@@ -538,21 +551,18 @@ mod tests {
         std::fs::write(nf.join("nf_conntrack_buckets"), "1024\n").unwrap();
         std::fs::write(nf.join(EST.sysctl_file()), "432000\n").unwrap();
         let state = dir.path().join("state");
-        let act = SysctlActuator::new(
+        let exec = Executor::new(sysctls(dir.path()), Journal::open(&state).unwrap(), None);
+        (Fixture { dir, state, nf }, exec)
+    }
+
+    /// An actuator on the fake `proc/sys` under `root`.
+    fn sysctls(root: &Path) -> SysctlActuator {
+        SysctlActuator::new(
             Roots {
-                proc_sys: dir.path().join("proc"),
-                module_params: dir.path().join("none"),
+                proc_sys: root.join("proc"),
+                module_params: root.join("none"),
             },
             None,
-        );
-        let exec = Executor::new(act, Journal::open(&state).unwrap(), None);
-        (
-            Fixture {
-                _dir: dir,
-                state,
-                nf,
-            },
-            exec,
         )
     }
 
@@ -592,6 +602,28 @@ mod tests {
         assert_eq!(live(&f, Knob::Max), 1000);
         assert_eq!(live(&f, EST), 432000);
         assert!(exec.journal().in_force_newest_first().is_empty());
+    }
+
+    #[test]
+    fn an_applied_change_is_intended_on_disk_until_the_journal_syncs() {
+        let (f, mut exec) = fixture();
+        let id = exec.apply(&req(Knob::Max, 1000, 4000), 0).unwrap();
+        assert_eq!(live(&f, Knob::Max), 4000);
+        assert_eq!(exec.journal().entry(id).unwrap().state, EntryState::Applied);
+        let on_disk = || Journal::open(&f.state).unwrap().entry(id).unwrap().state;
+        assert_eq!(on_disk(), EntryState::Intended);
+        // A crash now: a restart settles it from the live value, as one interrupted after
+        // its write.
+        let mut restarted = Executor::new(
+            sysctls(f.dir.path()),
+            Journal::open(&f.state).unwrap(),
+            None,
+        );
+        restarted.reconcile().unwrap();
+        assert_eq!(on_disk(), EntryState::Applied);
+        exec.sync_journal().unwrap();
+        assert!(exec.journal().is_synced());
+        assert_eq!(on_disk(), EntryState::Applied);
     }
 
     #[test]
