@@ -116,3 +116,27 @@ fn notrack_is_renewed_at_half_its_lifetime_while_pressure_lasts() {
     assert!(e.outcome(half, renewal[0].id, Outcome::Applied).is_empty());
     assert_eq!(e.state().notracked.len(), 1);
 }
+
+/// An outcome can arrive after the stage's cooldown (a slow journal fsync on a busy disk)
+/// and before the next sample: the engine must plan from the value it set, not from the
+/// sample taken before the write, or the executor refuses the change as stale.
+#[test]
+fn a_late_outcome_plans_the_next_change_from_the_value_set() {
+    let mut e = engine();
+    e.observe(secs(0), sample(230_000, 262_144));
+    let d = e.observe(secs(10), sample(230_000, 262_144));
+    let raised = match &d[..] {
+        [first] => match &first.action {
+            Action::Apply(c) if c[0].knob == Knob::Max => c[0].to,
+            other => panic!("expected a raise of max, got {other:?}"),
+        },
+        other => panic!("expected one decision, got {other:?}"),
+    };
+    // Reported 31 s later, past the 30 s cooldown; no sample in between.
+    let next = e.outcome(secs(41), d[0].id, Outcome::Applied);
+    let Some(Action::Apply(changes)) = next.first().map(|d| &d.action) else {
+        panic!("expected the raise to continue at once, got {next:?}");
+    };
+    let max = changes.iter().find(|c| c.knob == Knob::Max);
+    assert_eq!(max.map(|c| c.from), Some(raised), "{next:?}");
+}

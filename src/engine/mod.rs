@@ -729,10 +729,12 @@ impl Engine {
         None
     }
 
-    /// The value in force for a knob: the sample's, or what a dry run pretended to set.
+    /// The value in force for a knob: what a dry run pretended to set; what ctguard set if
+    /// no sample has shown it yet (the sample may predate the write, e.g. when a slow journal
+    /// fsync let the cooldown pass before the outcome came); else the sample's.
     fn effective(&self, knob: Knob, observed: u64) -> u64 {
         match self.knobs.get(&knob) {
-            Some(r) if r.dry_run => r.current,
+            Some(r) if r.dry_run || !r.confirmed => r.current,
             _ => observed,
         }
     }
