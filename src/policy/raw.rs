@@ -215,6 +215,9 @@ pub struct BytesValue(pub u64);
 
 const RATIO_EXPECTED: &str = "a ratio like 0.85 or a percentage like \"85%\"";
 const DURATION_EXPECTED: &str = "a duration like \"10s\", \"5m\" or \"1h\"";
+/// The longest duration a policy may give. The engine adds durations to its clock (`now +
+/// cooldown`), so one near `u64::MAX` seconds would overflow; a year is past any sane setting.
+const DURATION_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
 const BYTES_EXPECTED: &str = "a byte count like 1073741824 or \"512MiB\" / \"2GiB\"";
 
 impl<'de> Deserialize<'de> for RatioValue {
@@ -261,9 +264,15 @@ impl<'de> Deserialize<'de> for DurationValue {
                 f.write_str(DURATION_EXPECTED)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationValue, E> {
-                humantime::parse_duration(v)
-                    .map(DurationValue)
-                    .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
+                let d = humantime::parse_duration(v)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))?;
+                if d > DURATION_MAX {
+                    return Err(E::invalid_value(
+                        de::Unexpected::Str(v),
+                        &"a duration of at most 365d",
+                    ));
+                }
+                Ok(DurationValue(d))
             }
         }
         d.deserialize_str(V)
@@ -333,5 +342,14 @@ mod tests {
         assert_eq!(parse_bytes("7"), Some(7));
         assert_eq!(parse_bytes("7 parsecs"), None);
         assert_eq!(parse_bytes("99999999999999999999TiB"), None);
+    }
+
+    #[test]
+    fn durations_past_a_year_are_refused() {
+        let parse =
+            |v: &str| toml::from_str::<BTreeMap<String, DurationValue>>(&format!("d = {v:?}"));
+        assert_eq!(parse("365d").unwrap()["d"].0, DURATION_MAX);
+        let err = parse("18446744073709551615s").unwrap_err().to_string();
+        assert!(err.contains("expected a duration of at most 365d"), "{err}");
     }
 }
