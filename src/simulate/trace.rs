@@ -109,11 +109,16 @@ pub fn parse_trace(text: &str, source_name: &str) -> Result<Trace, TraceError> {
         })?;
         let t = match raw.t {
             RawTime::Millis(ms) => Duration::from_millis(ms),
-            RawTime::Text(text) => humantime::parse_duration(&text).map_err(|_| {
-                error(format!(
-                    "expected \"t\" as milliseconds or a duration like \"1500ms\", found {text:?}"
-                ))
-            })?,
+            // No longer than integer milliseconds reach: the engine adds cooldowns to it.
+            RawTime::Text(text) => humantime::parse_duration(&text)
+                .ok()
+                .filter(|t| u64::try_from(t.as_millis()).is_ok())
+                .ok_or_else(|| {
+                    error(format!(
+                        "expected \"t\" as milliseconds or a duration like \"1500ms\" (at most {} ms), found {text:?}",
+                        u64::MAX
+                    ))
+                })?,
         };
         if t < last_t {
             return Err(error(format!(
