@@ -76,7 +76,10 @@ impl HostMemory {
         let pointer_bytes = u64::from(self.pointer_bits / 8);
         // Work in units of 1/entries_per_bucket byte to stay in integers.
         let per_bucket = entries_per_bucket.max(1);
-        let cost = self.entry_bytes * per_bucket + pointer_bytes;
+        let cost = self
+            .entry_bytes
+            .saturating_mul(per_bucket)
+            .saturating_add(pointer_bytes);
         budget_bytes.saturating_mul(per_bucket) / cost.max(1)
     }
 
@@ -241,5 +244,15 @@ mod tests {
         // 256 bytes per entry + 8/4 bytes of bucket each.
         assert_eq!(n, 256 * 1024 * 1024 * 4 / (256 * 4 + 8));
         assert!(h.bytes_for(n, n / 4) <= 256 * 1024 * 1024);
+    }
+
+    #[test]
+    fn an_absurd_entry_size_fits_nothing_instead_of_overflowing() {
+        // slabinfo (or a trace's host) can claim any object size.
+        let h = HostMemory {
+            entry_bytes: u64::MAX / 2,
+            ..host(1)
+        };
+        assert_eq!(h.entries_within(256 * 1024 * 1024, 4), 0);
     }
 }
