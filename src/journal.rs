@@ -486,6 +486,13 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<OnDisk, JournalError> {
             on_disk.version
         )));
     }
+    // Recording a change takes next_id and stores next_id + 1.
+    if on_disk.next_id == EntryId::MAX {
+        return Err(corrupt(format!(
+            "next_id {} leaves no id for the next change",
+            on_disk.next_id
+        )));
+    }
     let ids = on_disk.entries.iter().map(|e| e.id);
     if let Some(max_id) = ids.chain(on_disk.notrack.iter().map(|e| e.id)).max()
         && max_id >= on_disk.next_id
