@@ -90,6 +90,11 @@ fn broken_policies_point_at_the_mistake() {
             "expected stages.raise_limits.headroom above 1",
         ),
         (
+            "poll-too-slow",
+            "22:11",
+            "expected poll.at_rest at most 5m (a table fills in seconds",
+        ),
+        (
             "ratio-out-of-range",
             "112:13",
             "expected stages.notrack_hot_ports.min_share in (0, 1]",

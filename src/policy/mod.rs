@@ -107,6 +107,11 @@ impl Levels {
     }
 }
 
+/// The slowest sampling a policy may ask for at rest. Sampling is the only watch where
+/// `/dev/kmsg` is unreadable (no `CAP_SYSLOG`, or a rate-limited message), and a busy table
+/// fills in seconds; polling every few minutes is already nearly blind.
+const POLL_AT_REST_MAX: Duration = Duration::from_secs(5 * 60);
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Poll {
     pub at_rest: Duration,
@@ -472,6 +477,16 @@ impl Context<'_> {
             at_rest: self.positive(&raw.poll.at_rest, "poll.at_rest")?,
             under_pressure: self.positive(&raw.poll.under_pressure, "poll.under_pressure")?,
         };
+        if poll.at_rest > POLL_AT_REST_MAX {
+            return Err(self.error(
+                &raw.poll.at_rest.span(),
+                format!(
+                    "expected poll.at_rest at most {} (a table fills in seconds, and kernel messages are not always readable), found {}",
+                    humantime::format_duration(POLL_AT_REST_MAX),
+                    humantime::format_duration(poll.at_rest)
+                ),
+            ));
+        }
         if poll.under_pressure > poll.at_rest {
             return Err(self.error(
                 &raw.poll.under_pressure.span(),
