@@ -76,8 +76,9 @@ pub struct JournalEntry {
     /// When the entry was recorded, seconds since the Unix epoch.
     pub recorded_at: u64,
     pub state: EntryState,
-    /// During a stepwise revert (timeouts come back in steps): the value before the step
-    /// being made, so a crash mid-step is recognised as ctguard's own value.
+    /// During a stepwise revert (timeouts come back in steps), or a change taking over an
+    /// earlier entry: the value before the step or change being made, so a crash before
+    /// its write is recognised as ctguard's own value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stepping_from: Option<u64>,
     /// Why it failed, or a note from reconciliation.
@@ -204,7 +205,8 @@ pub struct Intent {
     pub incident: u64,
     pub netns: Option<PathBuf>,
     /// An entry for the same knob that this change takes over from (it is marked
-    /// [`EntryState::Superseded`] in the same write).
+    /// [`EntryState::Superseded`] in the same write; its value is this entry's
+    /// `stepping_from` until the write lands).
     pub supersedes: Option<EntryId>,
 }
 
@@ -266,12 +268,15 @@ impl Journal {
         let id = self.state.next_id;
         let mut next = self.snapshot();
         next.next_id = id + 1;
+        let mut stepping_from = None;
         if let Some(old) = intent.supersedes {
-            next.entries
+            let old = next
+                .entries
                 .iter_mut()
                 .find(|e| e.id == old)
-                .ok_or(JournalError::NoSuchEntry(old))?
-                .state = EntryState::Superseded;
+                .ok_or(JournalError::NoSuchEntry(old))?;
+            old.state = EntryState::Superseded;
+            stepping_from = Some(old.new);
         }
         next.entries.push(JournalEntry {
             id,
@@ -283,7 +288,7 @@ impl Journal {
             netns: intent.netns,
             recorded_at: now_unix,
             state: EntryState::Intended,
-            stepping_from: None,
+            stepping_from,
             note: None,
         });
         self.commit(next)?;
@@ -323,6 +328,7 @@ impl Journal {
             });
         }
         entry.state = EntryState::Applied;
+        entry.stepping_from = None;
         self.unsynced = true;
         Ok(())
     }
