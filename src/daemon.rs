@@ -22,7 +22,8 @@ before the next wait (`Daemon::write_behind`).
   the namespace inode.
 - On start the journal is reconciled with the host: changes still in force are adopted and
   later rolled back like new ones; values someone else changed are left to them. A journal
-  that cannot be read makes ctguard watch and report only.
+  that cannot be read makes ctguard watch and report only; one another ctguard is
+  writing (`ctguard rollback`, a second daemon) stops it at start.
 - SIGTERM/SIGINT stop cleanly (rolling back first if the policy says so); SIGHUP or a
   write to the policy file reloads it, and an invalid new policy is refused with its error
   while the old one stays in force.
@@ -38,7 +39,7 @@ use crate::act::recording::{RecordingActuator, RecordingNotrack};
 use crate::act::sysctl::{Roots, SysctlActuator};
 use crate::act::{ActError, Actuator};
 use crate::engine::{Action, Change, Decision, Engine, Input, Outcome, PortLoad};
-use crate::journal::{EntryState, Journal, LiveState};
+use crate::journal::{EntryState, Journal, JournalError, LiveState};
 use crate::knob::Knob;
 use crate::observe::kmsg::KmsgEvent;
 use crate::observe::kmsg_follower::KmsgFollower;
@@ -179,7 +180,7 @@ impl Daemon {
             };
             (None, Some(rehearsal))
         } else {
-            match Journal::open(&options.state_dir) {
+            match Journal::open_exclusive(&options.state_dir) {
                 Ok(journal) => {
                     let executor = Executor::new(actuator(), journal, options.netns.clone());
                     let executor = match notrack {
@@ -188,6 +189,8 @@ impl Daemon {
                     };
                     (Some(executor), None)
                 }
+                // Another ctguard writes this journal: starting would undo its records.
+                Err(e @ JournalError::Locked { .. }) => return Err(e.into()),
                 Err(e) => {
                     error!(error = %e, "journal unusable: watching and reporting only");
                     policy.mode = Mode::Observe;

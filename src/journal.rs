@@ -18,6 +18,11 @@ keeps them from piling up in front of the next change.
 
 A journal that cannot be read or parsed is never overwritten: [`Journal::open`] fails with
 [`JournalError::Corrupt`], and the daemon then watches and reports without acting.
+
+Only one process at a time may write a state directory's journal: the daemon and
+`ctguard rollback` open it with [`Journal::open_exclusive`], which holds a lock on the
+directory for as long as the journal lives. Each writes the whole journal from its own
+copy in memory, so two at once would undo each other's records.
 */
 
 use crate::act::notrack::{BackendKind, NotrackChange};
@@ -76,8 +81,9 @@ pub struct JournalEntry {
     /// When the entry was recorded, seconds since the Unix epoch.
     pub recorded_at: u64,
     pub state: EntryState,
-    /// During a stepwise revert (timeouts come back in steps): the value before the step
-    /// being made, so a crash mid-step is recognised as ctguard's own value.
+    /// During a stepwise revert (timeouts come back in steps), or a change taking over an
+    /// earlier entry: the value before the step or change being made, so a crash before
+    /// its write is recognised as ctguard's own value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stepping_from: Option<u64>,
     /// Why it failed, or a note from reconciliation.
@@ -142,6 +148,10 @@ pub enum JournalError {
          inspect it, restore values by hand if needed, then move it aside"
     )]
     Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "{path}: in use by another ctguard (`ctguard run` or `ctguard rollback`); stop it first"
+    )]
+    Locked { path: PathBuf },
     #[error("journal entry {0} does not exist")]
     NoSuchEntry(EntryId),
     #[error(
@@ -192,6 +202,8 @@ pub struct Journal {
     state: OnDisk,
     /// Whether `state` holds marks not on disk yet (see [`Journal::mark_applied_later`]).
     unsynced: bool,
+    /// The state directory, locked by [`Journal::open_exclusive`].
+    _lock: Option<File>,
 }
 
 /// A change about to be made, as the caller describes it.
@@ -204,7 +216,8 @@ pub struct Intent {
     pub incident: u64,
     pub netns: Option<PathBuf>,
     /// An entry for the same knob that this change takes over from (it is marked
-    /// [`EntryState::Superseded`] in the same write).
+    /// [`EntryState::Superseded`] in the same write; its value is this entry's
+    /// `stepping_from` until the write lands).
     pub supersedes: Option<EntryId>,
 }
 
@@ -234,7 +247,33 @@ impl Journal {
             dir: dir.to_path_buf(),
             state: on_disk,
             unsynced: false,
+            _lock: None,
         })
+    }
+
+    /// Opens the journal to write it, as [`Journal::open`], holding the state directory's
+    /// lock until the journal is dropped; fails with [`JournalError::Locked`] while another
+    /// process holds it.
+    pub fn open_exclusive(dir: &Path) -> Result<Journal, JournalError> {
+        Journal::open(dir)?;
+        let io_error = |source| JournalError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let lock = File::open(dir).map_err(io_error)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(JournalError::Locked {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Err(fs::TryLockError::Error(source)) => return Err(io_error(source)),
+        }
+        // Read again under the lock: the other process may have written meanwhile.
+        let mut journal = Journal::open(dir)?;
+        journal._lock = Some(lock);
+        Ok(journal)
     }
 
     /// The journal file's path.
@@ -266,12 +305,15 @@ impl Journal {
         let id = self.state.next_id;
         let mut next = self.snapshot();
         next.next_id = id + 1;
+        let mut stepping_from = None;
         if let Some(old) = intent.supersedes {
-            next.entries
+            let old = next
+                .entries
                 .iter_mut()
                 .find(|e| e.id == old)
-                .ok_or(JournalError::NoSuchEntry(old))?
-                .state = EntryState::Superseded;
+                .ok_or(JournalError::NoSuchEntry(old))?;
+            old.state = EntryState::Superseded;
+            stepping_from = Some(old.new);
         }
         next.entries.push(JournalEntry {
             id,
@@ -283,7 +325,7 @@ impl Journal {
             netns: intent.netns,
             recorded_at: now_unix,
             state: EntryState::Intended,
-            stepping_from: None,
+            stepping_from,
             note: None,
         });
         self.commit(next)?;
@@ -323,6 +365,7 @@ impl Journal {
             });
         }
         entry.state = EntryState::Applied;
+        entry.stepping_from = None;
         self.unsynced = true;
         Ok(())
     }
@@ -719,6 +762,22 @@ mod tests {
             err.to_string().contains("is applied, not intended"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_one_process_at_a_time_writes_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut first = Journal::open_exclusive(&state).unwrap();
+        first.record(intent(Knob::Max, 1, 2), 0).unwrap();
+        let err = Journal::open_exclusive(&state).unwrap_err();
+        assert!(matches!(err, JournalError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("state: in use"), "{err}");
+        // Reading is always allowed (`ctguard journal`).
+        assert_eq!(Journal::open(&state).unwrap().entries().len(), 1);
+        drop(first);
+        let second = Journal::open_exclusive(&state).unwrap();
+        assert_eq!(second.entries().len(), 1);
     }
 
     #[test]

@@ -377,6 +377,12 @@ impl<A: Actuator> Executor<A> {
                     _ => e.to_string(),
                 };
                 let state = match self.actuator.read(req.knob) {
+                    // A change taking over an earlier one: the host keeps ctguard's earlier
+                    // value, which this entry now carries back to the original.
+                    Ok(now) if now == live && supersedes.is_some() => {
+                        self.journal.end_step(id, false)?;
+                        EntryState::Applied
+                    }
                     Ok(now) if now == live => EntryState::Failed,
                     _ => EntryState::Applied,
                 };
@@ -485,7 +491,7 @@ impl<A: Actuator> Executor<A> {
             .cloned()
             .collect();
         let mut report = Vec::with_capacity(pending.len());
-        for entry in pending {
+        for mut entry in pending {
             let live = self.actuator.read(entry.knob)?;
             let state = LiveState::of(&entry, live);
             match (entry.state, state) {
@@ -495,11 +501,30 @@ impl<A: Actuator> Executor<A> {
                     EntryState::Failed,
                     Some("interrupted before the write; host kept the original".into()),
                 )?,
-                (EntryState::Intended, LiveState::InForce) => self.journal.mark(
-                    entry.id,
-                    EntryState::Applied,
-                    Some("interrupted after the write; adopted".into()),
-                )?,
+                // The same, for a change taking over an earlier one: the host kept
+                // ctguard's earlier value, which this entry carries back to the original.
+                (EntryState::Intended, LiveState::InForce) if live != entry.new => {
+                    self.journal.end_step(entry.id, false)?;
+                    self.journal.mark(
+                        entry.id,
+                        EntryState::Applied,
+                        Some(
+                            "interrupted before the write; host kept ctguard's earlier value"
+                                .into(),
+                        ),
+                    )?;
+                    (entry.new, entry.stepping_from) = (live, None);
+                }
+                (EntryState::Intended, LiveState::InForce) => {
+                    if entry.stepping_from.is_some() {
+                        self.journal.end_step(entry.id, true)?;
+                    }
+                    self.journal.mark(
+                        entry.id,
+                        EntryState::Applied,
+                        Some("interrupted after the write; adopted".into()),
+                    )?
+                }
                 _ => {}
             }
             report.push((entry, state));
@@ -732,6 +757,122 @@ mod tests {
         );
         assert_eq!(exec.journal().entry(second).unwrap().original, 1000);
         exec.revert(second, 0).unwrap();
+        assert_eq!(live(&f, Knob::Max), 1000);
+    }
+
+    /// Fails every write while `fail` is set (the host keeps its value).
+    struct FailingWrites {
+        inner: SysctlActuator,
+        fail: bool,
+    }
+
+    impl Actuator for FailingWrites {
+        fn read(&mut self, knob: Knob) -> Result<u64, ActError> {
+            self.inner.read(knob)
+        }
+
+        fn write(&mut self, knob: Knob, value: u64) -> Result<(), ActError> {
+            if self.fail {
+                return Err(ActError::Failed {
+                    knob,
+                    path: PathBuf::from(knob.sysctl_file()),
+                    value,
+                    source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+                });
+            }
+            self.inner.write(knob, value)
+        }
+    }
+
+    #[test]
+    fn a_failed_takeover_leaves_the_earlier_change_to_roll_back() {
+        let (f, exec) = fixture();
+        let Executor { journal, .. } = exec;
+        let actuator = FailingWrites {
+            inner: sysctls(f.dir.path()),
+            fail: false,
+        };
+        let mut exec = Executor::new(actuator, journal, None);
+        exec.apply(&req(Knob::Max, 1000, 4000), 0).unwrap();
+        exec.actuator().fail = true;
+        let err = exec.apply(&req(Knob::Max, 4000, 6000), 0).unwrap_err();
+        assert!(matches!(err, ExecError::Act(_)), "{err}");
+        assert_eq!(live(&f, Knob::Max), 4000);
+        // ctguard's 4000 is still in force, and rolls back to the value before ctguard.
+        let entry = exec
+            .journal()
+            .in_force_for(Knob::Max, None)
+            .cloned()
+            .unwrap();
+        assert_eq!((entry.original, entry.new), (1000, 4000));
+        exec.actuator().fail = false;
+        assert!(matches!(
+            exec.revert(entry.id, 0).unwrap(),
+            Reverted::Restored { to: 1000, .. }
+        ));
+        assert_eq!(live(&f, Knob::Max), 1000);
+    }
+
+    #[test]
+    fn a_takeover_interrupted_before_its_write_is_still_ctguards_value() {
+        let (f, mut exec) = fixture();
+        let first = exec.apply(&req(Knob::Max, 1000, 4000), 0).unwrap();
+        exec.sync_journal().unwrap();
+        // A crash between journaling the next raise and writing it: the host keeps 4000.
+        let mut journal = Journal::open(&f.state).unwrap();
+        let second = journal
+            .record(
+                Intent {
+                    knob: Knob::Max,
+                    original: 1000,
+                    new: 6000,
+                    stage: "raise_limits".into(),
+                    incident: 1,
+                    netns: None,
+                    supersedes: Some(first),
+                },
+                0,
+            )
+            .unwrap();
+        drop(journal);
+
+        // `ctguard rollback` straight after the crash restores the original.
+        let mut rollback = Executor::new(
+            sysctls(f.dir.path()),
+            Journal::open(&f.state).unwrap(),
+            None,
+        );
+        let snapshot = std::fs::read(f.state.join(crate::journal::FILE_NAME)).unwrap();
+        assert_eq!(
+            rollback.revert(second, 0).unwrap(),
+            Reverted::Restored {
+                entry: second,
+                knob: Knob::Max,
+                to: 1000
+            }
+        );
+        assert_eq!(live(&f, Knob::Max), 1000);
+
+        // A restart instead adopts ctguard's 4000, carried by the new entry.
+        std::fs::write(f.nf.join("nf_conntrack_max"), "4000\n").unwrap();
+        std::fs::write(f.state.join(crate::journal::FILE_NAME), snapshot).unwrap();
+        let mut restarted = Executor::new(
+            sysctls(f.dir.path()),
+            Journal::open(&f.state).unwrap(),
+            None,
+        );
+        let report = restarted.reconcile().unwrap();
+        assert_eq!(report.len(), 1);
+        assert_eq!(report[0].1, LiveState::InForce);
+        assert_eq!((report[0].0.original, report[0].0.new), (1000, 4000));
+        let on_disk = Journal::open(&f.state)
+            .unwrap()
+            .entry(second)
+            .cloned()
+            .unwrap();
+        assert_eq!(on_disk.state, EntryState::Applied);
+        assert_eq!((on_disk.new, on_disk.stepping_from), (4000, None));
+        restarted.revert(second, 0).unwrap();
         assert_eq!(live(&f, Knob::Max), 1000);
     }
 

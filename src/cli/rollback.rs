@@ -27,7 +27,8 @@ pub struct RollbackArgs {
 pub fn run(args: RollbackArgs) -> anyhow::Result<ExitCode> {
     // The journal says what to write to the kernel: only one nobody else can edit.
     crate::security::check_state_dir(&args.state.state_dir)?;
-    let mut journal = Journal::open(&args.state.state_dir)?;
+    // Refused while the daemon runs: it writes the journal from its own copy.
+    let mut journal = Journal::open_exclusive(&args.state.state_dir)?;
     // Newest first, grouped by namespace: each group gets actuators bound to its
     // namespace. NOTRACK, the later stage, is undone before the knobs.
     let mut groups: Vec<Group> = Vec::new();
