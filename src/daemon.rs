@@ -275,6 +275,11 @@ impl Daemon {
                 }
             }
         }
+        for (port, left) in exec.notrack_left() {
+            info!(%port, left = %humantime::format_duration(left),
+                "adopting a NOTRACK still in force from a previous run");
+            self.engine.adopt_notrack(now, port, now + left);
+        }
         Ok(())
     }
 

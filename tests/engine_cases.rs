@@ -117,6 +117,37 @@ fn notrack_is_renewed_at_half_its_lifetime_while_pressure_lasts() {
     assert_eq!(e.state().notracked.len(), 1);
 }
 
+/// After a restart, an exemption the previous run made still counts against `max_ports`.
+#[test]
+fn an_adopted_notrack_counts_against_max_ports() {
+    use ctguard::engine::{PortKey, PortLoad, Proto};
+    let text = std::fs::read_to_string("policies/web-server.toml").unwrap();
+    let mut policy = Policy::from_toml(&text, "web-server.toml").unwrap();
+    policy.stages.notrack_hot_ports.as_mut().unwrap().max_ports = 1;
+    let mut e = Engine::new(policy, default_host());
+    let web = PortKey {
+        proto: Proto::Tcp,
+        port: 80,
+    };
+    e.adopt_notrack(secs(0), web, secs(600));
+    let hot = vec![PortLoad {
+        proto: Proto::Tcp,
+        port: 443,
+        entries: 200_000,
+        nat_or_forwarded: false,
+    }];
+    e.observe(secs(0), Input::HotPorts(hot));
+    let mut pending = e.observe(secs(0), sample(262_144, 262_144));
+    while let Some(d) = pending.pop() {
+        assert!(
+            !matches!(&d.action, Action::Notrack { ports, .. } if !ports.contains(&web)),
+            "a second port beyond max_ports 1: {d:?}"
+        );
+        pending.extend(e.outcome(secs(0), d.id, Outcome::NotPermitted("not here".into())));
+    }
+    assert_eq!(e.state().notracked, [web]);
+}
+
 /// An outcome can arrive after the stage's cooldown (a slow journal fsync on a busy disk)
 /// and before the next sample: the engine must plan from the value it set, not from the
 /// sample taken before the write, or the executor refuses the change as stale.

@@ -11,12 +11,13 @@ engine decided: never lower `nf_conntrack_max` below the entries in use, never s
 hash table, never act on a value that changed since the decision, never act unjournaled.
 */
 
-use super::notrack::{BackendKind, NotrackBackend, NotrackChange, NotrackError};
+use super::notrack::{BackendKind, NotrackBackend, NotrackChange, NotrackError, PortKey};
 use super::{ActError, Actuator};
 use crate::journal::{EntryId, EntryState, Intent, Journal, JournalEntry, JournalError, LiveState};
 use crate::knob::Knob;
 use crate::observe::modules::KernelModules;
 use std::path::PathBuf;
+use std::time::Duration;
 use tracing::debug;
 
 /// A change the engine decided on.
@@ -266,6 +267,22 @@ impl<A: Actuator> Executor<A> {
             .map(|id| {
                 let note = "expired without a renewal".to_string();
                 (id, self.untrack(id, Some(note)))
+            })
+            .collect()
+    }
+
+    /// This namespace's exemptions that may still be in force, with the time left before
+    /// their expiry (after a restart: a previous run's, which still count).
+    pub fn notrack_left(&self) -> Vec<(PortKey, Duration)> {
+        let now = (self.now_unix)();
+        self.journal
+            .notrack_in_force()
+            .into_iter()
+            .filter(|e| e.netns == self.netns)
+            .filter_map(|e| {
+                let expires = e.recorded_at + u64::from(e.change.timeout_secs);
+                let left = expires.checked_sub(now).filter(|&left| left > 0)?;
+                Some((e.change.target(), Duration::from_secs(left)))
             })
             .collect()
     }

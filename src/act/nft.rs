@@ -669,7 +669,8 @@ impl NotrackBackend for NftBackend {
     }
 
     fn remove(&mut self, ports: &[PortKey]) -> Result<(), NotrackError> {
-        if ports.is_empty() {
+        // Without the table (a reboot, a flushed ruleset) no port is exempted.
+        if ports.is_empty() || self.table()?.is_none() {
             return Ok(());
         }
         self.transaction(remove_ports(ports))

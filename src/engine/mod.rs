@@ -387,6 +387,26 @@ impl Engine {
             },
         );
         self.stage_mut(stage).applied_at = Some(now);
+        self.hold_in_incident(now);
+    }
+
+    /// Takes over a NOTRACK exemption a previous run made, in force until `expires_at`: it
+    /// counts against `max_ports` and is renewed or untracked like the engine's own. Opens
+    /// an incident to hold it if none is open.
+    pub fn adopt_notrack(&mut self, now: Duration, port: PortKey, expires_at: Duration) {
+        self.notracked.insert(
+            port,
+            NotrackRecord {
+                expires_at,
+                entries: 0,
+                dry_run: false,
+            },
+        );
+        self.stage_mut(StageKind::NotrackHotPorts).applied_at = Some(now);
+        self.hold_in_incident(now);
+    }
+
+    fn hold_in_incident(&mut self, now: Duration) {
         if self.incident.is_none() {
             self.incident = Some(IncidentInfo {
                 id: IncidentId(self.next_incident),

@@ -25,6 +25,10 @@ pub const TESTS: &[(&str, fn())] = &[
         probe_failure_reverts,
     ),
     (
+        "daemon_counts_a_previous_runs_notrack_against_max_ports",
+        restart_keeps_max_ports,
+    ),
+    (
         "daemon_falls_back_to_legacy_iptables_where_nf_tables_is_missing",
         iptables_fallback,
     ),
@@ -35,7 +39,10 @@ fn policy() -> PathBuf {
 }
 
 fn start(lab: &LabNetns, state: &Path) -> Daemon {
-    let policy = policy();
+    start_with(lab, state, &policy())
+}
+
+fn start_with(lab: &LabNetns, state: &Path, policy: &Path) -> Daemon {
     let daemon = Daemon::run(
         &[
             "--netns",
@@ -49,6 +56,47 @@ fn start(lab: &LabNetns, state: &Path) -> Daemon {
     );
     daemon.assert_started();
     daemon
+}
+
+/// A run killed with an exemption in force, then a new hot port after the restart: the
+/// exemption still counts against `max_ports` (1 here), so no second port is added.
+fn restart_keeps_max_ports() {
+    let _max = GlobalSysctl::set("nf_conntrack_max", 8192);
+    let lab = LabNetns::new("ntmax");
+    let state = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(policy())
+        .unwrap()
+        .replace("max_ports = 4", "max_ports = 1")
+        .replace("expiry = \"4s\"", "expiry = \"60s\"")
+        .replace("allow = [5353,", "allow = [5353, 5354,");
+    let policy = state.path().join("policy.toml");
+    std::fs::write(&policy, text).unwrap();
+    let dns = PortKey {
+        proto: Proto::Udp,
+        port: 5353,
+    };
+
+    let mut daemon = start_with(&lab, state.path(), &policy);
+    run_in(&lab.path, || udp_flows(20_000, 3400, 5353)).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || notracked(&lab) == [dns]),
+        "hot port not exempted: {:?}\n{}",
+        notracked(&lab),
+        daemon.log()
+    );
+    daemon.signal(libc::SIGKILL);
+
+    // Another port gets hotter while 5353 is still exempted.
+    run_in(&lab.path, || udp_flows(30_000, 4600, 5354)).unwrap();
+    let daemon = start_with(&lab, state.path(), &policy);
+    let too_many = wait_until(Duration::from_secs(10), || notracked(&lab).len() > 1);
+    assert!(
+        !too_many,
+        "more than max_ports exempted: {:?}\n{}",
+        notracked(&lab),
+        daemon.log()
+    );
+    assert_eq!(notracked(&lab), [dns]);
 }
 
 fn notracked(lab: &LabNetns) -> Vec<PortKey> {

@@ -27,6 +27,10 @@ pub const TESTS: &[(&str, fn())] = &[
         install_repairs_edited_table,
     ),
     (
+        "notrack_nft_remove_is_fine_once_the_table_is_gone",
+        remove_without_the_table,
+    ),
+    (
         "notrack_iptables_legacy_fallback_adds_and_removes_only_its_rules",
         iptables_fallback,
     ),
@@ -253,6 +257,19 @@ fn install_repairs_edited_table() {
     let kept = repaired.ports[0];
     assert_eq!(kept.target.to_string(), "tcp/8080");
     assert!(kept.expires.unwrap() > Duration::from_secs(50), "{kept:?}");
+}
+
+/// A firewall restart (`flush ruleset`) or a reboot takes ctguard's table with it: removing
+/// an exemption that is gone with it is fine, so the journal can still be settled.
+fn remove_without_the_table() {
+    let lab = LabNetns::new("ntgone");
+    let mut nft = NftBackend::new(Some(lab.path.clone()));
+    nft.install().unwrap();
+    nft.add_ports(Proto::Tcp, &[HOT_TCP], Duration::from_secs(60))
+        .unwrap();
+    run(&mut lab.exec(&["nft", "flush", "ruleset"]));
+    nft.remove_ports(Proto::Tcp, &[HOT_TCP]).unwrap();
+    assert_eq!(nft.table().unwrap(), None, "removal made a table");
 }
 
 /// The filter from the brief: drops untracked packets to the port.

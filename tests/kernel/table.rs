@@ -6,10 +6,16 @@ use ctguard::netns::run_in;
 use serde_json::Value;
 use std::process::Command;
 
-pub const TESTS: &[(&str, fn())] = &[(
-    "table_top_shows_hot_ports_and_refuses_nat",
-    top_shows_hot_ports_and_refuses_nat,
-)];
+pub const TESTS: &[(&str, fn())] = &[
+    (
+        "table_top_shows_hot_ports_and_refuses_nat",
+        top_shows_hot_ports_and_refuses_nat,
+    ),
+    (
+        "table_top_refuses_a_port_snat_replies_arrive_on",
+        top_refuses_a_port_snat_replies_arrive_on,
+    ),
+];
 
 const UDP_FLOWS: u16 = 3000;
 const TCP_FLOWS: u16 = 1000;
@@ -67,6 +73,33 @@ fn top_shows_hot_ports_and_refuses_nat() {
     assert_eq!(established["entries"], u64::from(TCP_FLOWS));
 
     compare_with_conntrack_tool(&lab, ports);
+}
+
+/// A hot local port that one SNAT'd flow's replies are addressed to: NOTRACK there would
+/// untrack those replies before they are translated back, so the port is refused.
+fn top_refuses_a_port_snat_replies_arrive_on() {
+    let lab = LabNetns::new("tablesnat");
+    lab.nft(
+        "table ip nat {\n chain post {\n type nat hook postrouting priority 100;\n udp dport 9998 snat to 127.0.0.1:5353\n }\n}\n",
+    );
+    run_in(&lab.path, || {
+        udp_flows(20_000, UDP_FLOWS, 5353);
+        udp_flows(31_000, 1, 9998);
+    })
+    .unwrap();
+
+    let report = top_json(&lab);
+    println!("{report}");
+    let hot = report["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["proto"] == "udp" && p["port"] == 5353)
+        .expect("5353/udp in ports");
+    assert_eq!(hot["entries"], u64::from(UDP_FLOWS));
+    assert_eq!(hot["eligible"], false, "{hot}");
+    let reason = hot["reason"].as_str().unwrap();
+    assert!(reason.contains("1 flow is NAT'd"), "{reason}");
 }
 
 /// `conntrack -L` lists the same table as text; its per-port counts must match.

@@ -30,7 +30,9 @@ namespace (loopback, multicast and broadcast included: the host receives them), 
 *outgoing* when only its source is local, and is *forwarded* otherwise. It is *NAT'd* when
 the kernel set `IPS_SRC_NAT`/`IPS_DST_NAT` or its reply tuple is not the inverted original;
 a DNAT'd flow also marks the port it was translated to, since a NOTRACK rule there would
-catch the replies and break the translation.
+catch the replies and break the translation. A NAT'd or forwarded flow also marks the port
+its replies are addressed to (an SNAT'd client's kept source port, a routed client's port),
+for the same reason.
 */
 
 pub mod notrack;
@@ -443,9 +445,10 @@ pub struct PortUsage {
     pub entries: u64,
     /// Of those, flows that terminate on this host.
     pub local_entries: u64,
-    /// Of those, flows routed through this host.
+    /// Of those, flows routed through this host; and routed flows whose replies come
+    /// to this port.
     pub forwarded_entries: u64,
-    /// NAT'd flows to this port, or DNAT'd onto it.
+    /// NAT'd flows to this port, DNAT'd onto it, or whose replies come to it.
     pub nat_entries: u64,
     /// Whether any flow here is NAT'd or forwarded (a NOTRACK rule would break it).
     pub nat_or_forwarded: bool,
@@ -652,15 +655,35 @@ impl TableAggregator {
         let nat = flow.is_nat();
         let counters = self.ports.entry((original.protocol, port)).or_default();
         counters.entries += 1;
-        match self.local.direction(original) {
+        let direction = self.local.direction(original);
+        match direction {
             Direction::TerminatesLocally => counters.local += 1,
             Direction::Forwarded => counters.forwarded += 1,
             Direction::Outgoing => {}
         }
+        if nat {
+            counters.nat += 1;
+        } else if direction != Direction::Forwarded {
+            return;
+        }
+        // Replies are matched by the port they are addressed to (the client's, or the one
+        // SNAT chose) when they come in through prerouting or go out via lo: mark it, so
+        // NOTRACK there does not untrack them and break the translation or forwarding.
+        let reply = flow.reply.unwrap_or_else(|| original.inverted());
+        if let Some(answered) = reply.destination_port
+            && answered != port
+            && (!self.local.contains(&reply.source) || self.local.contains(&reply.destination))
+        {
+            let marked = self.ports.entry((original.protocol, answered)).or_default();
+            if nat {
+                marked.nat += 1;
+            } else {
+                marked.forwarded += 1;
+            }
+        }
         if !nat {
             return;
         }
-        counters.nat += 1;
         // A DNAT'd flow is answered from the port it was translated to: mark that port,
         // when it is a local one, so NOTRACK on it is not offered.
         if let Some(reply) = &flow.reply
@@ -1201,6 +1224,57 @@ mod tests {
         let table = aggregator.finish();
         let target = usage(&table, Protocol::UDP, 7777);
         assert_eq!((target.entries, target.nat_entries), (1, 1));
+    }
+
+    #[test]
+    fn replies_mark_the_port_they_arrive_on() {
+        let here = v4(192, 0, 2, 1);
+        let local = LocalAddresses::new([here]);
+        let udp = |source, source_port, destination, destination_port| Tuple {
+            source,
+            destination,
+            protocol: Protocol::UDP,
+            source_port: Some(source_port),
+            destination_port: Some(destination_port),
+        };
+        let flow = |original: Tuple, reply: Tuple, status| Flow {
+            original,
+            reply: Some(reply),
+            status,
+            tcp_state: None,
+            id: None,
+            timeout: None,
+            zone: None,
+        };
+        let (lan, server) = (v4(10, 0, 0, 5), v4(198, 51, 100, 7));
+        let mut aggregator = TableAggregator::new(local, 3);
+        // The local service on 51820.
+        aggregator.add(&flow(
+            udp(server, 40000, here, 51820),
+            udp(here, 51820, server, 40000),
+            0,
+        ));
+        // A LAN client masqueraded with its source port kept: replies arrive on 51820.
+        aggregator.add(&flow(
+            udp(lan, 51820, server, 53),
+            udp(server, 53, here, 51820),
+            IPS_SRC_NAT,
+        ));
+        // A routed LAN client's replies arrive on 4500.
+        aggregator.add(&flow(
+            udp(server, 4500, here, 4500),
+            udp(here, 4500, server, 4500),
+            0,
+        ));
+        let routed = udp(lan, 4500, server, 443);
+        aggregator.add(&flow(routed, routed.inverted(), 0));
+        let table = aggregator.finish();
+        let wireguard = usage(&table, Protocol::UDP, 51820);
+        assert_eq!((wireguard.entries, wireguard.nat_entries), (1, 1));
+        assert!(wireguard.nat_or_forwarded);
+        let ipsec = usage(&table, Protocol::UDP, 4500);
+        assert_eq!((ipsec.entries, ipsec.forwarded_entries), (1, 1));
+        assert!(ipsec.nat_or_forwarded);
     }
 
     #[test]
