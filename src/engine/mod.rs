@@ -805,11 +805,7 @@ impl Engine {
             }
             StageKind::NotrackHotPorts => {
                 let p = stages.notrack_hot_ports.as_ref()?;
-                let ports = plan_notrack(p, &self.hot_ports, sample.count, self.notracked.len());
-                let ports: Vec<(PortKey, u64)> = ports
-                    .into_iter()
-                    .filter(|(k, _)| !self.notracked.contains_key(k))
-                    .collect();
+                let ports = plan_notrack(p, &self.hot_ports, sample.count, &self.notracked);
                 if ports.is_empty() {
                     return None;
                 }

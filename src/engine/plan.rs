@@ -107,17 +107,18 @@ pub fn plan_shorten(
 /// Ports `notrack_hot_ports` would untrack: allowed, not denied, never NATed or forwarded,
 /// holding at least `min_share` of `count`, not already untracked; biggest first, up to
 /// `max_ports` in force at once.
-pub fn plan_notrack(
+pub fn plan_notrack<V>(
     policy: &NotrackHotPorts,
     hot_ports: &[PortLoad],
     count: u64,
-    already: usize,
+    untracked: &BTreeMap<PortKey, V>,
 ) -> Vec<(PortKey, u64)> {
-    let room = (policy.max_ports as usize).saturating_sub(already);
+    let room = (policy.max_ports as usize).saturating_sub(untracked.len());
     let mut eligible: Vec<(PortKey, u64)> = hot_ports
         .iter()
         .filter(|p| {
-            !p.nat_or_forwarded
+            !untracked.contains_key(&p.key())
+                && !p.nat_or_forwarded
                 && policy.allow.contains(&p.port)
                 && !policy.deny.contains(&p.port)
                 && count > 0
@@ -200,7 +201,7 @@ mod tests {
             load(443, 300, false),
             load(80, 400, true),
         ];
-        let plan = plan_notrack(&p, &ports, 1000, 0);
+        let plan = plan_notrack(&p, &ports, 1000, &BTreeMap::<PortKey, ()>::new());
         assert_eq!(
             plan,
             [(
@@ -211,5 +212,31 @@ mod tests {
                 300
             )]
         );
+    }
+
+    #[test]
+    fn notrack_fills_the_room_left_with_ports_not_yet_untracked() {
+        let mut p = Policy::embedded_default().stages.notrack_hot_ports.unwrap();
+        p.allow = [80, 443, 8080].into();
+        p.max_ports = 2;
+        let load = |port, entries| PortLoad {
+            proto: Proto::Tcp,
+            port,
+            entries,
+            nat_or_forwarded: false,
+        };
+        let key = |port| PortKey {
+            proto: Proto::Tcp,
+            port,
+        };
+        let ports = [load(80, 500), load(443, 300), load(8080, 200)];
+        // 80 is untracked already and still the hottest: it must not take the one free slot.
+        let untracked = BTreeMap::from([(key(80), ())]);
+        assert_eq!(
+            plan_notrack(&p, &ports, 1000, &untracked),
+            [(key(443), 300)]
+        );
+        let full = BTreeMap::from([(key(80), ()), (key(22), ())]);
+        assert!(plan_notrack(&p, &ports, 1000, &full).is_empty());
     }
 }
