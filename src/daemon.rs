@@ -856,7 +856,7 @@ fn notrack_all(
             Err(e) => return Outcome::Failed(e.to_string()),
         };
         let probe = (port.proto == Proto::Tcp)
-            .then(|| TcpProbe::loopback(exec.netns().map(Path::to_path_buf), port.port));
+            .then(|| TcpProbe::service(exec.netns().map(Path::to_path_buf), port.port));
         let answered_before = probe.as_ref().is_some_and(|p| p.answers().unwrap_or(false));
         let id = match exec.notrack(change, stage.name(), incident) {
             Ok(id) => id,
@@ -864,18 +864,19 @@ fn notrack_all(
         };
         info!(entry = id, %port, expiry = %humantime::format_duration(expiry), "NOTRACK added");
         let Some(probe) = probe else { continue };
+        let at = probe.addr;
         if !answered_before {
             notes.push(format!(
-                "probe: {port} did not answer a local connect before NOTRACK, so it cannot tell whether NOTRACK breaks it"
+                "probe: {port} did not answer a local connect to {at} before NOTRACK, so it cannot tell whether NOTRACK breaks it"
             ));
         } else if probe.answers().unwrap_or(false) {
             notes.push(format!(
-                "probe: {port} answered a local connect before and after NOTRACK"
+                "probe: {port} answered a local connect to {at} before and after NOTRACK"
             ));
         } else {
             let why = format!(
-                "{port} stopped answering once untracked (a filter drops untracked packets?); \
-                 NOTRACK removed at once"
+                "{port} stopped answering at {at} once untracked (a filter drops untracked \
+                 packets?); NOTRACK removed at once"
             );
             if let Err(e) = exec.untrack(id, Some(why.clone())) {
                 error!(entry = id, error = %e, "could not remove a harmful NOTRACK");

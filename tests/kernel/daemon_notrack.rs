@@ -162,7 +162,9 @@ fn notracks_hot_ports() {
         std::fs::read_dir(&incidents).is_ok_and(|dir| {
             dir.flatten().any(|f| {
                 std::fs::read_to_string(f.path()).is_ok_and(|t| {
-                    t.contains("probe: tcp/8080 answered a local connect before and after NOTRACK")
+                    t.contains(
+                        "probe: tcp/8080 answered a local connect to 127.0.0.1:8080 before and after NOTRACK",
+                    )
                 })
             })
         })
@@ -216,15 +218,19 @@ fn probe_failure_reverts() {
     );
     let state = tempfile::tempdir().unwrap();
     let mut daemon = start(&lab, state.path());
-    // The service keeps listening (and answering the probe) throughout.
+    // The service keeps listening (and answering the probe) throughout. It listens on
+    // one address only, not 127.0.0.1: the probe finds it in the socket table.
     let _service = run_in(&lab.path, || {
-        let listener = TcpListener::bind(("127.0.0.1", 8080)).unwrap();
+        let listener = TcpListener::bind(("127.0.0.2", 8080)).unwrap();
         let flows = tcp_flows_to(&listener, 1000);
         (listener, flows)
     })
     .unwrap();
     assert!(
-        daemon.wait_for_log("stopped answering", Duration::from_secs(30)),
+        daemon.wait_for_log(
+            "stopped answering at 127.0.0.2:8080",
+            Duration::from_secs(30)
+        ),
         "{}",
         daemon.log()
     );
@@ -242,11 +248,9 @@ fn probe_failure_reverts() {
     });
     assert!(reverted, "{journal:#}");
     assert!(notracked(&lab).is_empty());
-    assert!(
-        TcpProbe::loopback(Some(lab.path.clone()), 8080)
-            .answers()
-            .unwrap()
-    );
+    let probe = TcpProbe::service(Some(lab.path.clone()), 8080);
+    assert_eq!(probe.addr.to_string(), "127.0.0.2:8080");
+    assert!(probe.answers().unwrap());
 }
 
 /// Module lists of a kernel whose nf_tables is installed but not loaded: ctguard must not
