@@ -112,7 +112,8 @@ fn check_daemonset(ds: &Value, source: &str) {
         args.iter()
             .any(|a| a.ends_with(&format!(":{}", port.as_u64().unwrap())))
     );
-    // Every mount has its volume; the journal and the kernel log come from the host.
+    // Every mount has its volume; the journal, the kernel log and the module lists (which
+    // tell ctguard what would load a module) come from the host.
     let volumes = at(pod, "volumes", source).as_sequence().unwrap();
     let volume = |name: &str| volumes.iter().find(|v| v.get("name") == Some(&name.into()));
     for mount in at(container, "volumeMounts", source).as_sequence().unwrap() {
@@ -122,7 +123,11 @@ fn check_daemonset(ds: &Value, source: &str) {
             "{source}: mount {name} has no volume"
         );
     }
-    for (name, path) in [("state", "/var/lib/ctguard"), ("kmsg", "/dev/kmsg")] {
+    for (name, path) in [
+        ("state", "/var/lib/ctguard"),
+        ("kmsg", "/dev/kmsg"),
+        ("modules", "/lib/modules"),
+    ] {
         let v = volume(name).unwrap_or_else(|| panic!("{source}: no volume {name}"));
         assert_eq!(str_at(v, "hostPath.path", source), path);
     }

@@ -8,7 +8,8 @@ the kernel (an nfnetlink request is what would load `nf_tables`):
 | nf_tables modules (`nf_tables`, `nft_ct`) | backend |
 |---|---|
 | loaded or built in | nftables (unavailable, with the reason, when `nft` is not installed) |
-| in no list (no module support, or lists not installed) | tried: `nft` answering means nftables; the kernel refusing means iptables |
+| in no list, on a kernel without module support, or with all lists there | tried: `nft` answering means nftables; the kernel refusing means iptables |
+| not loaded, and `modules.dep` missing (a container without the host's `/lib/modules`) | treated as installed: the kernel would run the host's `modprobe` |
 | installed but not loaded | iptables: nf_tables is missing from the running kernel, and loading it is not ctguard's call |
 
 The iptables fallback has its own module requirements (see [`IptablesBackend::for_host`]).
@@ -38,10 +39,7 @@ pub fn choose(
 ) -> Result<Choice, NotrackError> {
     let missing = modules.would_load(&NFTABLES_MODULES);
     let nftables_why = if !missing.is_empty() {
-        format!(
-            "nf_tables is not in the running kernel ({} not loaded)",
-            missing.join(", ")
-        )
+        format!("nftables: {}", modules.not_loaded(&missing))
     } else {
         let nft = NftBackend::new(netns.clone());
         let known = modules.all_present(&NFTABLES_MODULES);
@@ -127,7 +125,7 @@ mod tests {
             Err(e) => {
                 let text = e.to_string();
                 assert!(
-                    text.contains("nf_tables is not in the running kernel")
+                    text.contains("nftables: kernel module(s) nf_tables, nft_ct not loaded")
                         && text.contains("iptables-legacy-restore is not installed"),
                     "{text}"
                 );

@@ -170,7 +170,7 @@ impl IptablesBackend {
         };
         let missing = modules.would_load(&COMMON_MODULES);
         if !missing.is_empty() {
-            return Err(unavailable(not_loaded(&missing)));
+            return Err(unavailable(modules.not_loaded(&missing)));
         }
         let mut tools = Vec::new();
         let mut skipped = Vec::new();
@@ -180,7 +180,7 @@ impl IptablesBackend {
             let restore = program(family.restore);
             let save = program(&family.restore.replace("-restore", "-save"));
             if !missing.is_empty() {
-                skipped.push(format!("{}: {}", family.name, not_loaded(&missing)));
+                skipped.push(format!("{}: {}", family.name, modules.not_loaded(&missing)));
             } else if !restore.is_file() || !save.is_file() {
                 skipped.push(format!(
                     "{}: {} is not installed",
@@ -197,7 +197,7 @@ impl IptablesBackend {
         if accept_untracked && !filter_usable {
             return Err(unavailable(format!(
                 "accept_untracked needs the filter table and the conntrack match: {}",
-                not_loaded(&modules.would_load(&[
+                modules.not_loaded(&modules.would_load(&[
                     ACCEPT_MODULES[0],
                     IPV4.filter_module,
                     IPV6.filter_module
@@ -264,13 +264,6 @@ impl IptablesBackend {
         }
         Ok(())
     }
-}
-
-fn not_loaded(modules: &[&str]) -> String {
-    format!(
-        "kernel module(s) {} not loaded (ctguard never loads modules)",
-        modules.join(", ")
-    )
 }
 
 /// ctguard's rules in `tables` as `save` prints them: `(table, "-A … --comment ctguard …")`.

@@ -13,9 +13,12 @@ reads three lists instead:
 - `/lib/modules/<release>/modules.dep`: the modules `modprobe` could load (what the
   kernel's `request_module` would pull in).
 
-A module in none of them is [`ModuleState::NotLoadable`]: either absent, or built in on a
-kernel whose module lists are not installed. Using it cannot load anything, so a caller
-may safely try it and see.
+A module in none of them is [`ModuleState::NotLoadable`] when the lists are there (it is
+absent) or when the kernel cannot load modules at all: using it cannot load anything, so a
+caller may safely try it and see. Where the kernel loads modules but `modules.dep` is
+missing (a container without the host's `/lib/modules`: the kernel still runs the host's
+`modprobe`), a module not loaded is [`ModuleState::Unknown`] and treated as one that would
+load.
 */
 
 use std::collections::HashSet;
@@ -29,14 +32,17 @@ pub enum ModuleState {
     BuiltIn,
     /// Not loaded but installed: using what it provides would make the kernel load it.
     Loadable,
-    /// In no list: absent, or built in where the lists are missing. Trying it loads nothing.
+    /// In no list: absent, or on a kernel without module support. Trying it loads nothing.
     NotLoadable,
+    /// Not loaded, on a kernel that loads modules, with `modules.dep` missing: it may be
+    /// built in, absent or installed, and using it may load it.
+    Unknown,
 }
 
 impl ModuleState {
     /// Whether using the module's feature would load a module.
     pub fn would_load(self) -> bool {
-        self == ModuleState::Loadable
+        matches!(self, ModuleState::Loadable | ModuleState::Unknown)
     }
 }
 
@@ -46,6 +52,10 @@ pub struct KernelModules {
     loaded: HashSet<String>,
     builtin: HashSet<String>,
     loadable: HashSet<String>,
+    /// Whether `/proc/modules` exists: the kernel can load modules.
+    loads_modules: bool,
+    /// Whether `modules.dep` exists: it lists every module the kernel could load.
+    knows_loadable: bool,
 }
 
 impl KernelModules {
@@ -67,12 +77,16 @@ impl KernelModules {
         let release = read_optional(&release_path)?.unwrap_or_default();
         let lib = root.join("lib/modules").join(release.trim());
         let list = |path: PathBuf, parse: fn(&str) -> HashSet<String>| {
-            Ok::<_, ModulesError>(read_optional(&path)?.map(|t| parse(&t)).unwrap_or_default())
+            Ok::<_, ModulesError>(read_optional(&path)?.map(|t| parse(&t)))
         };
+        let loaded = list(root.join("proc/modules"), parse_proc_modules)?;
+        let loadable = list(lib.join("modules.dep"), parse_module_paths)?;
         Ok(KernelModules {
-            loaded: list(root.join("proc/modules"), parse_proc_modules)?,
-            builtin: list(lib.join("modules.builtin"), parse_module_paths)?,
-            loadable: list(lib.join("modules.dep"), parse_module_paths)?,
+            loads_modules: loaded.is_some(),
+            knows_loadable: loadable.is_some(),
+            loaded: loaded.unwrap_or_default(),
+            builtin: list(lib.join("modules.builtin"), parse_module_paths)?.unwrap_or_default(),
+            loadable: loadable.unwrap_or_default(),
         })
     }
 
@@ -84,6 +98,8 @@ impl KernelModules {
             ModuleState::BuiltIn
         } else if self.loadable.contains(&name) {
             ModuleState::Loadable
+        } else if self.loads_modules && !self.knows_loadable {
+            ModuleState::Unknown
         } else {
             ModuleState::NotLoadable
         }
@@ -96,6 +112,21 @@ impl KernelModules {
             .copied()
             .filter(|m| self.state(m).would_load())
             .collect()
+    }
+
+    /// Why the modules `missing` (from [`KernelModules::would_load`]) cannot be used, for
+    /// messages; says what to mount when the lists were missing.
+    pub fn not_loaded(&self, missing: &[&str]) -> String {
+        let blind = if self.loads_modules && !self.knows_loadable {
+            "; without modules.dep under /lib/modules it cannot tell whether they are built in \
+             or would be loaded: mount the host's /lib/modules read-only"
+        } else {
+            ""
+        };
+        format!(
+            "kernel module(s) {} not loaded (ctguard never loads modules{blind})",
+            missing.join(", ")
+        )
     }
 
     /// Whether all of `modules` are known to be in the kernel now.
@@ -206,6 +237,28 @@ mod tests {
         let m = KernelModules::read(root.path()).unwrap();
         assert_eq!(m, KernelModules::default());
         assert_eq!(m.state("nf_tables"), ModuleState::NotLoadable);
+    }
+
+    #[test]
+    fn without_modules_dep_a_module_not_loaded_may_load() {
+        // A container: the kernel loads modules (the host's modprobe), the lists are not here.
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("proc")).unwrap();
+        std::fs::write(
+            root.path().join("proc/modules"),
+            "nf_tables 1 0 - Live 0x0\n",
+        )
+        .unwrap();
+        let m = KernelModules::read(root.path()).unwrap();
+        assert_eq!(m.state("nf_tables"), ModuleState::Loaded);
+        assert_eq!(m.state("nft_ct"), ModuleState::Unknown);
+        assert_eq!(m.would_load(&["nf_tables", "nft_ct"]), ["nft_ct"]);
+        let why = m.not_loaded(&["nft_ct"]);
+        assert!(
+            why.starts_with("kernel module(s) nft_ct not loaded (ctguard never loads modules;")
+                && why.contains("mount the host's /lib/modules read-only"),
+            "{why}"
+        );
     }
 
     proptest! {
