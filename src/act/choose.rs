@@ -17,7 +17,7 @@ The iptables fallback has its own module requirements (see [`IptablesBackend::fo
 
 use super::iptables::IptablesBackend;
 use super::nft::NftBackend;
-use super::notrack::{BackendKind, NotrackBackend, NotrackError};
+use super::notrack::{BackendKind, NotrackBackend, NotrackChange, NotrackError, PortKey};
 use crate::observe::modules::KernelModules;
 use std::path::PathBuf;
 
@@ -83,9 +83,42 @@ pub fn open(
     modules: &KernelModules,
 ) -> Result<Box<dyn NotrackBackend + Send>, NotrackError> {
     Ok(match kind {
-        BackendKind::Nftables => Box::new(NftBackend::new(netns)),
+        BackendKind::Nftables => match modules.would_load(&NFTABLES_MODULES)[..] {
+            [] => Box::new(NftBackend::new(netns)),
+            ref missing => Box::new(NftablesNotInKernel {
+                why: modules.not_loaded(missing),
+            }),
+        },
         BackendKind::Iptables => Box::new(IptablesBackend::for_host(netns, modules, false)?),
     })
+}
+
+/// nftables where nf_tables is not in the kernel (after a reboot, say): no exemption
+/// ctguard made with it can be in force, so undoing one is done; and running `nft` at all
+/// would load the module.
+struct NftablesNotInKernel {
+    why: String,
+}
+
+impl NotrackBackend for NftablesNotInKernel {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Nftables
+    }
+
+    fn install(&mut self) -> Result<(), NotrackError> {
+        Err(NotrackError::Unavailable {
+            backend: BackendKind::Nftables.name(),
+            why: self.why.clone(),
+        })
+    }
+
+    fn apply(&mut self, _: &[NotrackChange]) -> Result<(), NotrackError> {
+        self.install()
+    }
+
+    fn remove(&mut self, _: &[PortKey]) -> Result<(), NotrackError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -131,6 +164,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn undoing_nftables_exemptions_without_nf_tables_runs_no_nft() {
+        // After a reboot nf_tables is not loaded: `nft` would load it, and nothing ctguard
+        // made with it is left.
+        let m = modules("", "k/nf_tables.ko:\nk/nft_ct.ko: k/nf_tables.ko\n");
+        let mut backend = open(BackendKind::Nftables, None, &m).unwrap();
+        assert_eq!(backend.kind(), BackendKind::Nftables);
+        let web = PortKey {
+            proto: crate::port::Proto::Tcp,
+            port: 80,
+        };
+        backend.remove(&[web]).unwrap();
+        assert!(!backend.uninstall().unwrap());
+        let err = backend.install().unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+        assert!(
+            err.to_string().contains("nf_tables, nft_ct not loaded"),
+            "{err}"
+        );
     }
 
     #[test]
