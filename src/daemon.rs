@@ -231,6 +231,8 @@ impl Daemon {
             journal_sync_failing: false,
         };
         daemon.adopt_previous_changes()?;
+        // Entries settled at start drop out of the boot-time files now, not at the next change.
+        daemon.persist();
         Ok(daemon)
     }
 

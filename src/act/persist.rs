@@ -5,10 +5,10 @@
 //! The files are derived from the journal — exactly the changes still in force, each at
 //! the value ctguard set — and rewritten atomically after every change, so a rollback
 //! removes its lines and a full rollback removes the files (durably: a power loss must not
-//! bring one back). After a crash the next sync
-//! makes them agree with the journal again. Only ctguard's own namespace is persisted
-//! (plus the global knobs): another namespace's timeouts must not be applied to the host
-//! at boot.
+//! bring one back). They are also synced once the daemon's start has settled the previous
+//! run's changes, so after a crash they agree with the journal again before any reboot.
+//! Only ctguard's own namespace is persisted (plus the global knobs): another namespace's
+//! timeouts must not be applied to the host at boot.
 
 use crate::journal::{Journal, remove_durably, write_atomically};
 use crate::knob::Knob;
