@@ -231,6 +231,8 @@ impl Daemon {
             journal_sync_failing: false,
         };
         daemon.adopt_previous_changes()?;
+        // Entries settled at start drop out of the boot-time files now, not at the next change.
+        daemon.persist();
         Ok(daemon)
     }
 
@@ -244,12 +246,14 @@ impl Daemon {
             return Ok(());
         };
         let now = self.started.elapsed();
-        for (entry, state) in exec.reconcile()? {
+        // Reconcile reads this namespace only; another's changes are not settled here.
+        for entry in exec.journal().in_force_newest_first() {
             if entry.netns != self.options.netns {
                 info!(entry = entry.id, knob = %entry.knob, netns = ?entry.netns,
                     "change in force for another namespace; `ctguard rollback` undoes it");
-                continue;
             }
+        }
+        for (entry, state) in exec.reconcile()? {
             match state {
                 LiveState::InForce => {
                     let stage =

@@ -578,6 +578,23 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> 
     Ok(())
 }
 
+/// Removes `dir/name` (if it is there) so that a crash cannot bring it back: unlink, then
+/// fsync of the directory.
+pub fn remove_durably(dir: &Path, name: &str) -> io::Result<()> {
+    let started = Instant::now();
+    match fs::remove_file(dir.join(name)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        removed => removed?,
+    }
+    File::open(dir)?.sync_all()?;
+    debug!(
+        file = %dir.join(name).display(),
+        dir_fsync_us = started.elapsed().as_micros() as u64,
+        "durable removal"
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -498,13 +498,16 @@ impl<A: Actuator> Executor<A> {
         }
     }
 
-    /// Compares every change that may be in force with the host, after a restart: changes
-    /// still in force are kept (adopted), interrupted ones settled from the live value.
+    /// Compares every change of this executor's namespace that may be in force with the
+    /// host, after a restart: changes still in force are kept (adopted), interrupted ones
+    /// settled from the live value. Other namespaces' changes cannot be read from here: they
+    /// are left to the daemon of that namespace or `ctguard rollback`.
     pub fn reconcile(&mut self) -> Result<Vec<(JournalEntry, LiveState)>, ExecError> {
         let pending: Vec<JournalEntry> = self
             .journal
             .in_force_newest_first()
             .into_iter()
+            .filter(|e| e.netns == self.netns)
             .cloned()
             .collect();
         let mut report = Vec::with_capacity(pending.len());
@@ -758,6 +761,35 @@ mod tests {
         assert_eq!(
             exec.journal().entry(landed).unwrap().state,
             EntryState::Applied
+        );
+    }
+
+    #[test]
+    fn reconcile_leaves_other_namespaces_entries_alone() {
+        let (f, mut exec) = fixture();
+        // Another run (`--netns`) was interrupted after its write: this executor reads its
+        // own namespace, where the timeout is still the original.
+        let mut journal = Journal::open(&f.state).unwrap();
+        let other = journal
+            .record(
+                Intent {
+                    knob: EST,
+                    original: 432000,
+                    new: 600,
+                    stage: "shorten_timeouts".into(),
+                    incident: 1,
+                    netns: Some(PathBuf::from("/run/netns/other")),
+                    supersedes: None,
+                },
+                0,
+            )
+            .unwrap();
+        exec.journal = journal;
+        let report = exec.reconcile().unwrap();
+        assert!(report.is_empty(), "{report:?}");
+        assert_eq!(
+            exec.journal().entry(other).unwrap().state,
+            EntryState::Intended
         );
     }
 

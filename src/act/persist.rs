@@ -4,12 +4,13 @@
 //!
 //! The files are derived from the journal — exactly the changes still in force, each at
 //! the value ctguard set — and rewritten atomically after every change, so a rollback
-//! removes its lines and a full rollback removes the files. After a crash the next sync
-//! makes them agree with the journal again. Only ctguard's own namespace is persisted
-//! (plus the global knobs): another namespace's timeouts must not be applied to the host
-//! at boot.
+//! removes its lines and a full rollback removes the files (durably: a power loss must not
+//! bring one back). They are also synced once the daemon's start has settled the previous
+//! run's changes, so after a crash they agree with the journal again before any reboot.
+//! Only ctguard's own namespace is persisted (plus the global knobs): another namespace's
+//! timeouts must not be applied to the host at boot.
 
-use crate::journal::{Journal, write_atomically};
+use crate::journal::{Journal, remove_durably, write_atomically};
 use crate::knob::Knob;
 use std::collections::BTreeMap;
 use std::io;
@@ -70,10 +71,7 @@ impl Persistence {
                 std::fs::create_dir_all(&dir).map_err(|e| annotate(e, &dir))?;
                 write_atomically(&dir, name, text.as_bytes()).map_err(|e| annotate(e, &dir))
             }
-            None => match std::fs::remove_file(dir.join(name)) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(annotate(e, &dir)),
-                _ => Ok(()),
-            },
+            None => remove_durably(&dir, name).map_err(|e| annotate(e, &dir)),
         }
     }
 }
@@ -164,6 +162,54 @@ mod tests {
         }
         persist.sync(&journal, true).unwrap();
         assert!(!persist.has_files());
+    }
+
+    /// Collects what a subscriber writes, to see the debug events of file operations.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_removed_file_is_made_durable_with_a_directory_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(&dir.path().join("state")).unwrap();
+        let id = journal.record(intent(Knob::Max, 5000, None), 0).unwrap();
+        journal.mark(id, EntryState::Applied, None).unwrap();
+        let persist = Persistence::new(dir.path());
+        persist.sync(&journal, true).unwrap();
+        journal.mark(id, EntryState::Reverted, None).unwrap();
+
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || persist.sync(&journal, true)).unwrap();
+        assert!(!persist.has_files());
+        // Without the directory's fsync a power loss can bring the file back, and with it
+        // ctguard's old value at boot.
+        let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let removal = log
+            .lines()
+            .find(|l| l.contains("durable removal"))
+            .unwrap_or_else(|| panic!("no durable removal: {log}"));
+        assert!(
+            removal.contains(&persist.sysctl_path().display().to_string()),
+            "{removal}"
+        );
+        assert!(removal.contains("dir_fsync_us"), "{removal}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `ctguard rollback`: put back the original values of changes still in force, newest
 //! first, from the journal (also after a crash). Values someone else changed since are
-//! left alone and reported.
+//! left alone and reported, and so is a namespace that cannot be read any more (gone since):
+//! the other namespaces are still rolled back, and the command exits non-zero.
 
 use super::StateDir;
 use crate::act::executor::{Executor, Reverted};
@@ -54,7 +55,22 @@ pub fn run(args: RollbackArgs) -> anyhow::Result<ExitCode> {
         notrack,
     } in groups
     {
-        let in_use = entries_in_use(netns.as_deref())?;
+        // A namespace gone since (or otherwise unreadable) fails its own changes only.
+        let in_use = match entries_in_use(netns.as_deref()) {
+            Ok(in_use) => in_use,
+            Err(e) => {
+                complete = false;
+                let name = netns
+                    .as_deref()
+                    .map_or("ctguard's own".into(), |ns| ns.display().to_string());
+                let ids = notrack.iter().chain(&knobs).map(|id| format!("#{id}"));
+                println!(
+                    "namespace {name}: {} not rolled back: {e:#}",
+                    ids.collect::<Vec<_>>().join(", ")
+                );
+                continue;
+            }
+        };
         let actuator = SysctlActuator::new(Roots::default(), netns.clone());
         // Each exemption is removed by the kind of backend that made it.
         let mut exec = Executor::new(actuator, journal, netns)

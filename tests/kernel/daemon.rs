@@ -23,6 +23,10 @@ pub const TESTS: &[(&str, fn())] = &[
     ),
     ("daemon_acts_on_drift_only_during_an_incident", drift),
     (
+        "daemon_start_brings_persisted_files_in_line_with_the_journal",
+        persisted_at_start,
+    ),
+    (
         "daemon_inside_a_namespace_moves_on_to_timeouts",
         inside_namespace,
     ),
@@ -164,6 +168,55 @@ fn crash_and_restart() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(lab.snapshot(), before);
+}
+
+/// A change the previous run left in the journal and the boot-time files, which the host no
+/// longer holds: once the start has settled it, a reboot must not re-apply it.
+fn persisted_at_start() {
+    let _globals = crate::lab::small_table();
+    let lab = LabNetns::new("persist-start");
+    let state = tempfile::tempdir().unwrap();
+    let policy = policy_with(
+        state.path(),
+        &[("mode = \"enforce\"", "mode = \"enforce\"\npersist = true")],
+    );
+    let root = state.path().join("root");
+    let persistence = ctguard::act::persist::Persistence::new(&root);
+    {
+        let mut journal = ctguard::journal::Journal::open(state.path()).unwrap();
+        let id = journal
+            .record(
+                ctguard::journal::Intent {
+                    knob: ctguard::knob::Knob::Max,
+                    original: 4096,
+                    new: 8192,
+                    stage: "raise_limits".into(),
+                    incident: 1,
+                    netns: Some(lab.path.clone()),
+                    supersedes: None,
+                },
+                0,
+            )
+            .unwrap();
+        journal
+            .mark(id, ctguard::journal::EntryState::Applied, None)
+            .unwrap();
+        persistence.sync(&journal, true).unwrap();
+    }
+    assert!(persistence.has_files());
+    // The host holds the original (4096): the start settles the entry as reverted.
+    let mut args = state_args(&lab, &policy, state.path());
+    args.extend(["--persist-root", root.to_str().unwrap()]);
+    let mut daemon = Daemon::run(&args, state.path().join("log"));
+    daemon.assert_started();
+    assert!(
+        wait_until(Duration::from_secs(5), || !persistence.has_files()),
+        "the persisted max outlived its entry:\n{}\n{}",
+        std::fs::read_to_string(persistence.sysctl_path()).unwrap_or_default(),
+        daemon.log()
+    );
+    assert!(daemon.signal(libc::SIGTERM).success());
+    assert_eq!(read_global("nf_conntrack_max"), 4096);
 }
 
 fn drift() {
