@@ -171,3 +171,41 @@ fn a_late_outcome_plans_the_next_change_from_the_value_set() {
     let max = changes.iter().find(|c| c.knob == Knob::Max);
     assert_eq!(max.map(|c| c.from), Some(raised), "{next:?}");
 }
+
+/// A reload to dry-run while a real change is in force: the rollback must not merely
+/// pretend to restore it (and forget it, leaving it in force past `rollback_on_exit`).
+#[test]
+fn a_real_change_is_restored_after_a_reload_to_dry_run() {
+    use ctguard::policy::Mode;
+    let mut e = engine();
+    e.observe(secs(0), sample(230_000, 262_144));
+    let d = e.observe(secs(10), sample(230_000, 262_144));
+    let raised = match &d[..] {
+        [first] => match &first.action {
+            Action::Apply(c) if c[0].knob == Knob::Max => c[0].to,
+            other => panic!("expected a raise of max, got {other:?}"),
+        },
+        other => panic!("expected one decision, got {other:?}"),
+    };
+    assert!(e.outcome(secs(10), d[0].id, Outcome::Applied).is_empty());
+    let mut dry = Policy::embedded_default();
+    dry.mode = Mode::DryRun;
+    e.replace_policy(dry);
+    let mut reverted = None;
+    for t in (11..2000).step_by(5) {
+        for d in e.observe(secs(t), sample(1_000, raised)) {
+            match &d.action {
+                Action::Revert(c) if c.iter().any(|c| c.knob == Knob::Max) => {
+                    reverted = Some(d.clone());
+                    e.outcome(secs(t), d.id, Outcome::Applied);
+                }
+                other => panic!("a real change pretended away: {other:?}"),
+            }
+        }
+        if reverted.is_some() {
+            break;
+        }
+    }
+    assert!(reverted.is_some(), "max never restored: {:?}", e.state());
+    assert!(e.state().applied.is_empty(), "{:?}", e.state());
+}

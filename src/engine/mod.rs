@@ -26,7 +26,8 @@
 //!   someone else changed meanwhile is left as they set it.
 //! - **Modes**: in `observe` no stage is ever planned; in `dry-run` every decision is an
 //!   [`Action::DryRun`] that the engine treats as done (no outcome expected), so its
-//!   reports follow the same course an enforcing engine would.
+//!   reports follow the same course an enforcing engine would. Real changes still in force
+//!   from before a reload to either mode are rolled back for real.
 
 pub mod levels;
 pub mod plan;
@@ -859,12 +860,14 @@ impl Engine {
         rollback: bool,
     ) -> Decision {
         self.recent_changes.push_back((now, action.change_count()));
-        if self.policy.mode == Mode::DryRun {
-            if rollback {
-                self.record_reverted(now, stage, &action);
-            } else {
-                self.record_applied(now, stage, &action, true);
-            }
+        // A rollback is pretended only for pretended changes: a real change still in force
+        // after a reload to dry-run is restored for real, as in observe mode.
+        if rollback && action.is_dry_run() {
+            self.record_reverted(now, stage, &action);
+            return self.decision(stage, action, reason);
+        }
+        if self.policy.mode == Mode::DryRun && !rollback {
+            self.record_applied(now, stage, &action, true);
             return self.decision(stage, Action::DryRun(Box::new(action)), reason);
         }
         let decision = self.decision(stage, action.clone(), reason);
