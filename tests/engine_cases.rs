@@ -209,3 +209,34 @@ fn a_real_change_is_restored_after_a_reload_to_dry_run() {
     assert!(reverted.is_some(), "max never restored: {:?}", e.state());
     assert!(e.state().applied.is_empty(), "{:?}", e.state());
 }
+
+/// A disabled stage does not act: its NOTRACK exemptions still in force (here adopted
+/// from a previous run) are left to expire, not renewed while pressure lasts.
+#[test]
+fn a_disabled_notrack_stage_does_not_renew_its_exemptions() {
+    use ctguard::engine::{PortKey, Proto};
+    let policy = Policy::embedded_default();
+    assert!(
+        !policy
+            .stages
+            .notrack_hot_ports
+            .as_ref()
+            .unwrap()
+            .common
+            .enabled
+    );
+    let mut e = Engine::new(policy, default_host());
+    let web = PortKey {
+        proto: Proto::Tcp,
+        port: 443,
+    };
+    e.adopt_notrack(secs(0), web, secs(60));
+    let mut pending = e.observe(secs(50), sample(262_144, 262_144));
+    while let Some(d) = pending.pop() {
+        assert!(
+            !matches!(d.action, Action::Notrack { .. }),
+            "a disabled stage renewed NOTRACK: {d:?}"
+        );
+        pending.extend(e.outcome(secs(50), d.id, Outcome::NotPermitted("not here".into())));
+    }
+}

@@ -676,9 +676,10 @@ impl Engine {
     }
 
     /// While pressure lasts, NOTRACK exemptions are renewed before the kernel expires
-    /// them (at half their lifetime). At rest they are left to expire: if ctguard dies, the
-    /// kernel removes them by itself all the same.
+    /// them (at half their lifetime). At rest, or with the stage disabled, they are left to
+    /// expire: if ctguard dies, the kernel removes them by itself all the same.
     fn refresh_notrack(&mut self, now: Duration) -> Option<Decision> {
+        self.policy.stages.enabled(StageKind::NotrackHotPorts)?;
         let expiry = self.policy.stages.notrack_hot_ports.as_ref()?.expiry;
         if self.level == Level::Normal {
             return None;
