@@ -240,3 +240,37 @@ fn a_disabled_notrack_stage_does_not_renew_its_exemptions() {
         pending.extend(e.outcome(secs(50), d.id, Outcome::NotPermitted("not here".into())));
     }
 }
+
+/// Cooldown is the least time between two firings, also when an incident closed between.
+#[test]
+fn cooldown_holds_across_a_short_incident() {
+    let mut p = Policy::embedded_default();
+    p.stages.raise_limits.common.cooldown = secs(600);
+    p.rollback.recover_for = secs(5);
+    p.rollback.pause = secs(0);
+    p.stages.shorten_timeouts.common.enabled = false;
+    let mut e = Engine::new(p, default_host());
+    let mut max = 262_144;
+    let mut fired = Vec::new();
+    for t in (0..400).step_by(1) {
+        let count = if (t / 50) % 2 == 0 { 250_000 } else { 1_000 };
+        let mut pending = e.observe(secs(t), sample(count, max));
+        while let Some(d) = pending.pop() {
+            match &d.action {
+                Action::Apply(c) => {
+                    fired.push(t);
+                    max = c.iter().find(|c| c.knob == Knob::Max).map_or(max, |c| c.to);
+                }
+                Action::Revert(c) => {
+                    max = c.iter().find(|c| c.knob == Knob::Max).map_or(max, |c| c.to);
+                }
+                _ => {}
+            }
+            pending.extend(e.outcome(secs(t), d.id, Outcome::Applied));
+        }
+    }
+    assert!(!fired.is_empty(), "never fired");
+    for w in fired.windows(2) {
+        assert!(w[1] - w[0] >= 600, "fired at {fired:?}");
+    }
+}

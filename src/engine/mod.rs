@@ -230,13 +230,14 @@ pub struct EngineState {
 #[derive(Debug, Clone, Default)]
 struct StageState {
     // Per incident.
-    last_fired: Option<Duration>,
     retry_at: Option<Duration>,
     failures: u32,
     unavailable: Option<String>,
     /// Latest time a change of this stage took effect (orders the rollback).
     applied_at: Option<Duration>,
-    // Across incidents: flapping is a stage coming back soon after its rollback.
+    // Across incidents: the cooldown is the least time between two firings, and flapping
+    // is a stage coming back soon after its rollback.
+    last_fired: Option<Duration>,
     rolled_back_at: Option<Duration>,
     flaps: u32,
 }
@@ -244,6 +245,7 @@ struct StageState {
 impl StageState {
     fn reset_for_new_incident(&mut self) {
         *self = StageState {
+            last_fired: self.last_fired,
             rolled_back_at: self.rolled_back_at,
             flaps: self.flaps,
             ..StageState::default()
