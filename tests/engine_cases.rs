@@ -274,3 +274,22 @@ fn cooldown_holds_across_a_short_incident() {
         assert!(w[1] - w[0] >= 600, "fired at {fired:?}");
     }
 }
+
+/// After a reload that raises a level's `at`, the level is reached only once the new
+/// threshold has been reached, not kept from the old one.
+#[test]
+fn a_reload_raising_a_threshold_does_not_keep_a_level_never_reached() {
+    use ctguard::policy::Level;
+    let mut e = engine();
+    e.observe(secs(0), sample(230_000, 262_144)); // 0.877
+    e.observe(secs(10), sample(230_000, 262_144));
+    let mut p = Policy::embedded_default();
+    p.levels.act.at = 0.92;
+    p.levels.act.clear_below = 0.86;
+    p.levels.critical.at = 0.97;
+    p.levels.critical.clear_below = 0.93;
+    e.replace_policy(p);
+    e.observe(secs(20), sample(230_000, 262_144));
+    // 0.877 is inside the new act band (0.86..0.92) but never reached 0.92.
+    assert!(e.state().level < Level::Act, "{:?}", e.state());
+}

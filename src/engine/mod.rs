@@ -459,13 +459,16 @@ impl Engine {
         self.step(now)
     }
 
-    /// Replaces the policy (reload), keeping levels, incident and journal. Pretended
-    /// (dry-run) changes are dropped when the new mode is not dry-run: they never happened.
+    /// Replaces the policy (reload), keeping levels, incident and journal; a level whose
+    /// threshold changed is judged afresh from the next sample. Pretended (dry-run) changes
+    /// are dropped when the new mode is not dry-run: they never happened.
     pub fn replace_policy(&mut self, policy: Policy) {
         if policy.mode != Mode::DryRun {
             self.knobs.retain(|_, r| !r.dry_run);
             self.notracked.retain(|_, r| !r.dry_run);
         }
+        self.levels.retune(&self.policy.levels, &policy.levels);
+        self.level = self.levels.level();
         self.policy = policy;
     }
 
