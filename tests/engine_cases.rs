@@ -171,3 +171,125 @@ fn a_late_outcome_plans_the_next_change_from_the_value_set() {
     let max = changes.iter().find(|c| c.knob == Knob::Max);
     assert_eq!(max.map(|c| c.from), Some(raised), "{next:?}");
 }
+
+/// A reload to dry-run while a real change is in force: the rollback must not merely
+/// pretend to restore it (and forget it, leaving it in force past `rollback_on_exit`).
+#[test]
+fn a_real_change_is_restored_after_a_reload_to_dry_run() {
+    use ctguard::policy::Mode;
+    let mut e = engine();
+    e.observe(secs(0), sample(230_000, 262_144));
+    let d = e.observe(secs(10), sample(230_000, 262_144));
+    let raised = match &d[..] {
+        [first] => match &first.action {
+            Action::Apply(c) if c[0].knob == Knob::Max => c[0].to,
+            other => panic!("expected a raise of max, got {other:?}"),
+        },
+        other => panic!("expected one decision, got {other:?}"),
+    };
+    assert!(e.outcome(secs(10), d[0].id, Outcome::Applied).is_empty());
+    let mut dry = Policy::embedded_default();
+    dry.mode = Mode::DryRun;
+    e.replace_policy(dry);
+    let mut reverted = None;
+    for t in (11..2000).step_by(5) {
+        for d in e.observe(secs(t), sample(1_000, raised)) {
+            match &d.action {
+                Action::Revert(c) if c.iter().any(|c| c.knob == Knob::Max) => {
+                    reverted = Some(d.clone());
+                    e.outcome(secs(t), d.id, Outcome::Applied);
+                }
+                other => panic!("a real change pretended away: {other:?}"),
+            }
+        }
+        if reverted.is_some() {
+            break;
+        }
+    }
+    assert!(reverted.is_some(), "max never restored: {:?}", e.state());
+    assert!(e.state().applied.is_empty(), "{:?}", e.state());
+}
+
+/// A disabled stage does not act: its NOTRACK exemptions still in force (here adopted
+/// from a previous run) are left to expire, not renewed while pressure lasts.
+#[test]
+fn a_disabled_notrack_stage_does_not_renew_its_exemptions() {
+    use ctguard::engine::{PortKey, Proto};
+    let policy = Policy::embedded_default();
+    assert!(
+        !policy
+            .stages
+            .notrack_hot_ports
+            .as_ref()
+            .unwrap()
+            .common
+            .enabled
+    );
+    let mut e = Engine::new(policy, default_host());
+    let web = PortKey {
+        proto: Proto::Tcp,
+        port: 443,
+    };
+    e.adopt_notrack(secs(0), web, secs(60));
+    let mut pending = e.observe(secs(50), sample(262_144, 262_144));
+    while let Some(d) = pending.pop() {
+        assert!(
+            !matches!(d.action, Action::Notrack { .. }),
+            "a disabled stage renewed NOTRACK: {d:?}"
+        );
+        pending.extend(e.outcome(secs(50), d.id, Outcome::NotPermitted("not here".into())));
+    }
+}
+
+/// Cooldown is the least time between two firings, also when an incident closed between.
+#[test]
+fn cooldown_holds_across_a_short_incident() {
+    let mut p = Policy::embedded_default();
+    p.stages.raise_limits.common.cooldown = secs(600);
+    p.rollback.recover_for = secs(5);
+    p.rollback.pause = secs(0);
+    p.stages.shorten_timeouts.common.enabled = false;
+    let mut e = Engine::new(p, default_host());
+    let mut max = 262_144;
+    let mut fired = Vec::new();
+    for t in (0..400).step_by(1) {
+        let count = if (t / 50) % 2 == 0 { 250_000 } else { 1_000 };
+        let mut pending = e.observe(secs(t), sample(count, max));
+        while let Some(d) = pending.pop() {
+            match &d.action {
+                Action::Apply(c) => {
+                    fired.push(t);
+                    max = c.iter().find(|c| c.knob == Knob::Max).map_or(max, |c| c.to);
+                }
+                Action::Revert(c) => {
+                    max = c.iter().find(|c| c.knob == Knob::Max).map_or(max, |c| c.to);
+                }
+                _ => {}
+            }
+            pending.extend(e.outcome(secs(t), d.id, Outcome::Applied));
+        }
+    }
+    assert!(!fired.is_empty(), "never fired");
+    for w in fired.windows(2) {
+        assert!(w[1] - w[0] >= 600, "fired at {fired:?}");
+    }
+}
+
+/// After a reload that raises a level's `at`, the level is reached only once the new
+/// threshold has been reached, not kept from the old one.
+#[test]
+fn a_reload_raising_a_threshold_does_not_keep_a_level_never_reached() {
+    use ctguard::policy::Level;
+    let mut e = engine();
+    e.observe(secs(0), sample(230_000, 262_144)); // 0.877
+    e.observe(secs(10), sample(230_000, 262_144));
+    let mut p = Policy::embedded_default();
+    p.levels.act.at = 0.92;
+    p.levels.act.clear_below = 0.86;
+    p.levels.critical.at = 0.97;
+    p.levels.critical.clear_below = 0.93;
+    e.replace_policy(p);
+    e.observe(secs(20), sample(230_000, 262_144));
+    // 0.877 is inside the new act band (0.86..0.92) but never reached 0.92.
+    assert!(e.state().level < Level::Act, "{:?}", e.state());
+}

@@ -42,6 +42,18 @@ impl LevelTracker {
         }
     }
 
+    /// After a policy reload: a level whose threshold changed starts over (its sustain clock
+    /// and hysteresis were measured against the old one), so the next ratio is judged by the
+    /// new threshold alone.
+    pub fn retune(&mut self, old: &Levels, new: &Levels) {
+        for (i, ((_, a), (_, b))) in old.iter().into_iter().zip(new.iter()).enumerate() {
+            if a != b {
+                self.above_since[i] = None;
+                self.reached[i] = false;
+            }
+        }
+    }
+
     /// Marks critical as reached now (packets are being lost).
     pub fn force_critical(&mut self, now: Duration) {
         self.above_since[2].get_or_insert(now);

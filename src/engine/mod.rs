@@ -26,7 +26,8 @@
 //!   someone else changed meanwhile is left as they set it.
 //! - **Modes**: in `observe` no stage is ever planned; in `dry-run` every decision is an
 //!   [`Action::DryRun`] that the engine treats as done (no outcome expected), so its
-//!   reports follow the same course an enforcing engine would.
+//!   reports follow the same course an enforcing engine would. Real changes still in force
+//!   from before a reload to either mode are rolled back for real.
 
 pub mod levels;
 pub mod plan;
@@ -229,13 +230,14 @@ pub struct EngineState {
 #[derive(Debug, Clone, Default)]
 struct StageState {
     // Per incident.
-    last_fired: Option<Duration>,
     retry_at: Option<Duration>,
     failures: u32,
     unavailable: Option<String>,
     /// Latest time a change of this stage took effect (orders the rollback).
     applied_at: Option<Duration>,
-    // Across incidents: flapping is a stage coming back soon after its rollback.
+    // Across incidents: the cooldown is the least time between two firings, and flapping
+    // is a stage coming back soon after its rollback.
+    last_fired: Option<Duration>,
     rolled_back_at: Option<Duration>,
     flaps: u32,
 }
@@ -243,6 +245,7 @@ struct StageState {
 impl StageState {
     fn reset_for_new_incident(&mut self) {
         *self = StageState {
+            last_fired: self.last_fired,
             rolled_back_at: self.rolled_back_at,
             flaps: self.flaps,
             ..StageState::default()
@@ -456,13 +459,16 @@ impl Engine {
         self.step(now)
     }
 
-    /// Replaces the policy (reload), keeping levels, incident and journal. Pretended
-    /// (dry-run) changes are dropped when the new mode is not dry-run: they never happened.
+    /// Replaces the policy (reload), keeping levels, incident and journal; a level whose
+    /// threshold changed is judged afresh from the next sample. Pretended (dry-run) changes
+    /// are dropped when the new mode is not dry-run: they never happened.
     pub fn replace_policy(&mut self, policy: Policy) {
         if policy.mode != Mode::DryRun {
             self.knobs.retain(|_, r| !r.dry_run);
             self.notracked.retain(|_, r| !r.dry_run);
         }
+        self.levels.retune(&self.policy.levels, &policy.levels);
+        self.level = self.levels.level();
         self.policy = policy;
     }
 
@@ -675,9 +681,10 @@ impl Engine {
     }
 
     /// While pressure lasts, NOTRACK exemptions are renewed before the kernel expires
-    /// them (at half their lifetime). At rest they are left to expire: if ctguard dies, the
-    /// kernel removes them by itself all the same.
+    /// them (at half their lifetime). At rest, or with the stage disabled, they are left to
+    /// expire: if ctguard dies, the kernel removes them by itself all the same.
     fn refresh_notrack(&mut self, now: Duration) -> Option<Decision> {
+        self.policy.stages.enabled(StageKind::NotrackHotPorts)?;
         let expiry = self.policy.stages.notrack_hot_ports.as_ref()?.expiry;
         if self.level == Level::Normal {
             return None;
@@ -859,12 +866,14 @@ impl Engine {
         rollback: bool,
     ) -> Decision {
         self.recent_changes.push_back((now, action.change_count()));
-        if self.policy.mode == Mode::DryRun {
-            if rollback {
-                self.record_reverted(now, stage, &action);
-            } else {
-                self.record_applied(now, stage, &action, true);
-            }
+        // A rollback is pretended only for pretended changes: a real change still in force
+        // after a reload to dry-run is restored for real, as in observe mode.
+        if rollback && action.is_dry_run() {
+            self.record_reverted(now, stage, &action);
+            return self.decision(stage, action, reason);
+        }
+        if self.policy.mode == Mode::DryRun && !rollback {
+            self.record_applied(now, stage, &action, true);
             return self.decision(stage, Action::DryRun(Box::new(action)), reason);
         }
         let decision = self.decision(stage, action.clone(), reason);
