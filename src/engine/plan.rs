@@ -28,8 +28,9 @@ impl RaisePlan {
 }
 
 /// `new max = max(headroom × count, min_step × max)`, lowered to the ceiling; never below
-/// the count, never a decrease. Buckets follow as `max / divisor`, only ever grown, and
-/// only when `buckets_may_change` (the hash-resize rate limit).
+/// the count, never a decrease. Buckets follow as `max / divisor` (with max no higher than
+/// the ceiling, so buckets stay in the budget even where an admin set max above it), only
+/// ever grown, and only when `buckets_may_change` (the hash-resize rate limit).
 pub fn plan_raise(
     policy: &RaiseLimits,
     host: &HostMemory,
@@ -53,7 +54,7 @@ pub fn plan_raise(
         max
     };
     if let Some(buckets) = buckets {
-        let wanted_buckets = effective_max / policy.buckets_divisor;
+        let wanted_buckets = effective_max.min(ceiling.max) / policy.buckets_divisor;
         if buckets_may_change && wanted_buckets > buckets {
             changes.push(Change {
                 knob: Knob::Buckets,
@@ -160,6 +161,24 @@ mod tests {
         assert_eq!(capped.changes[0].to, capped.ceiling.max);
         let none = plan_raise(&p, &host(), 10, capped.ceiling.max, None, true);
         assert!(none.changes.is_empty(), "{}", none.describe());
+    }
+
+    #[test]
+    fn buckets_stay_in_the_budget_when_max_is_already_above_it() {
+        let p = Policy::embedded_default().stages.raise_limits;
+        let ceiling = p.ceiling(&host()).max;
+        // An admin set max to twice the ceiling; buckets are still small.
+        let plan = plan_raise(&p, &host(), 10, 2 * ceiling, Some(1024), true);
+        assert_eq!(
+            plan.changes,
+            [Change {
+                knob: Knob::Buckets,
+                from: 1024,
+                to: ceiling / p.buckets_divisor
+            }],
+            "{}",
+            plan.describe()
+        );
     }
 
     #[test]
