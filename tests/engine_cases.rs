@@ -293,3 +293,28 @@ fn a_reload_raising_a_threshold_does_not_keep_a_level_never_reached() {
     // 0.877 is inside the new act band (0.86..0.92) but never reached 0.92.
     assert!(e.state().level < Level::Act, "{:?}", e.state());
 }
+
+#[test]
+fn drops_across_a_sample_without_counters_still_count() {
+    use ctguard::observe::ConntrackStats;
+    use ctguard::policy::Level;
+    let with_drops = |drop| {
+        Input::Sample(ConntrackSample {
+            count: 100,
+            max: 1000,
+            stats: Some(ConntrackStats {
+                drop,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    };
+    let mut e = engine();
+    e.observe(secs(0), with_drops(5));
+    // /proc/net/stat could not be read once…
+    e.observe(secs(1), sample(100, 1000));
+    assert_eq!(e.state().level, Level::Normal);
+    // …and the drops that happened meanwhile show at the next reading.
+    e.observe(secs(2), with_drops(9));
+    assert_eq!(e.state().level, Level::Critical);
+}

@@ -36,7 +36,7 @@ pub use plan::{RaisePlan, plan_notrack, plan_raise, plan_shorten};
 
 use crate::knob::{Knob, TimeoutKnob};
 use crate::observe::memory::HostMemory;
-use crate::observe::{ConntrackSample, KernelEvent};
+use crate::observe::{ConntrackSample, ConntrackStats, KernelEvent};
 use crate::policy::{EvictState, Level, Mode, Policy, StageKind};
 pub use crate::port::{PortKey, Proto};
 use levels::{LevelTracker, lost_between};
@@ -287,6 +287,9 @@ pub struct Engine {
     levels: LevelTracker,
     level: Level,
     last_sample: Option<ConntrackSample>,
+    /// The latest drop counters read: the baseline for the next, across samples that
+    /// could not read them (so drops in between are still counted).
+    last_stats: Option<ConntrackStats>,
     /// Packets lost at the last sample (or table-full messages since), for reasons.
     last_loss: u64,
     hot_ports: Vec<PortLoad>,
@@ -313,6 +316,7 @@ impl Engine {
             levels: LevelTracker::default(),
             level: Level::Normal,
             last_sample: None,
+            last_stats: None,
             last_loss: 0,
             hot_ports: Vec::new(),
             next_decision: 1,
@@ -341,10 +345,10 @@ impl Engine {
     pub fn observe(&mut self, now: Duration, input: Input) -> Vec<Decision> {
         match input {
             Input::Sample(sample) => {
-                let lost = lost_between(
-                    self.last_sample.as_ref().and_then(|s| s.stats.as_ref()),
-                    sample.stats.as_ref(),
-                );
+                let lost = lost_between(self.last_stats.as_ref(), sample.stats.as_ref());
+                if sample.stats.is_some() {
+                    self.last_stats = sample.stats;
+                }
                 self.levels
                     .update(&self.policy.levels, now, sample.ratio(), lost > 0);
                 self.last_loss = lost;
