@@ -91,7 +91,7 @@ fn broken_policies_point_at_the_mistake() {
         ),
         (
             "poll-too-slow",
-            "22:11",
+            "23:11",
             "expected poll.at_rest at most 5m (a table fills in seconds",
         ),
         (
