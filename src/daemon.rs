@@ -124,6 +124,9 @@ struct Daemon {
     /// The dry-run executor: recording actuator, its own journal.
     rehearsal: Option<BoxedExecutor>,
     started: Instant,
+    /// When the last sample was taken: the next is due a poll interval after it, however
+    /// many other events (a failing kernel log, another namespace's messages) come first.
+    last_poll: tokio::time::Instant,
     /// Drifts already reported, by (journal entry, live value).
     drift_seen: BTreeSet<(u64, u64)>,
     /// Expired NOTRACK entries whose removal failed (reported once).
@@ -219,6 +222,7 @@ impl Daemon {
             executor,
             rehearsal,
             started: Instant::now(),
+            last_poll: tokio::time::Instant::now(),
             drift_seen: BTreeSet::new(),
             expiry_failures: BTreeSet::new(),
             analysis: None,
@@ -307,7 +311,7 @@ impl Daemon {
             self.metrics.observe(&self.sample, &self.engine.state());
             let wait = self.engine.state().poll_interval;
             tokio::select! {
-                _ = tokio::time::sleep(wait) => self.poll(),
+                _ = tokio::time::sleep_until(self.last_poll + wait) => self.poll(),
                 event = next_kernel_event(&mut self.kmsg) => self.kernel_event(event),
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
@@ -375,6 +379,7 @@ impl Daemon {
     /// Takes a sample and lets the engine decide on it.
     fn poll(&mut self) {
         let started = Instant::now();
+        self.last_poll = started.into();
         if let Err(e) = self.sampler.read_into(&mut self.sample) {
             warn!(error = %e, "sampling failed; will try again");
             return;

@@ -14,7 +14,8 @@ most one turn of the daemon, or a few seconds of samples, behind).
 Bounded by design: samples are kept while under pressure and once per 10 s at rest; past
 [`MAX_SAMPLES`] every other sample is dropped (its packet drops carried to the next one);
 repeated kernel messages are folded into one entry; past [`MAX_EVENTS`] other entries are
-only counted.
+only counted; while records cannot be written, at most [`MAX_UNSAVED_CLOSED`] closed ones
+wait in memory.
 
 Ids are unique across restarts (the engine counts incidents from 1 per process): the
 opening time in UTC plus the engine's number, e.g. `2026-11-22T03-16-12Z-1`.
@@ -49,6 +50,8 @@ const AT_REST_EVERY: Duration = Duration::from_secs(10);
 const CONTEXT_SAMPLES: usize = 20;
 /// Samples alone rewrite the file at most this often (everything else at once).
 const SAMPLE_WRITE_EVERY: Duration = Duration::from_secs(5);
+/// Closed records kept while they cannot be written; past this the oldest is dropped.
+pub const MAX_UNSAVED_CLOSED: usize = 8;
 /// Identical kernel messages closer than this are one entry.
 const KERNEL_FOLD: Duration = Duration::from_secs(10);
 
@@ -358,7 +361,8 @@ pub struct IncidentRecorder {
     /// Recent samples while no incident is open, to show what led up to one.
     context: VecDeque<Entry>,
     last_stats: Option<ConntrackStats>,
-    /// Records closed but not written yet (kept until a write succeeds).
+    /// Records closed but not written yet (kept until a write succeeds, the newest
+    /// [`MAX_UNSAVED_CLOSED`] at most).
     closed: Vec<IncidentRecord>,
     write_failing: bool,
 }
@@ -713,6 +717,11 @@ impl IncidentRecorder {
         let failing = &mut self.write_failing;
         self.closed
             .retain(|record| !save_logged(&self.dir, failing, record));
+        let excess = self.closed.len().saturating_sub(MAX_UNSAVED_CLOSED);
+        for record in self.closed.drain(..excess) {
+            warn!(dir = %self.dir.path().display(), id = record.id,
+                "incident record dropped unwritten: too many closed ones are waiting for a write");
+        }
         let Some(open) = self.open.as_mut() else {
             return;
         };
@@ -1303,6 +1312,25 @@ mod tests {
             _ => None,
         });
         assert_eq!(last_count, Some(5000));
+    }
+
+    #[test]
+    fn records_that_cannot_be_written_are_kept_in_bounds() {
+        let scratch = tempfile::tempdir().unwrap();
+        // A directory that can never be made (its parent is a file), even as root.
+        let blocker = scratch.path().join("file");
+        std::fs::write(&blocker, b"").unwrap();
+        let mut rec = recorder(&blocker.join("incidents"));
+        let quiet = state(Level::Normal, None);
+        for n in 1..=(MAX_UNSAVED_CLOSED as u64 + 20) {
+            let t = secs(n * 100);
+            rec.on_sample(t, &sample(4000, 4096, 0), &state(Level::Critical, Some(n)));
+            rec.on_sample(t + secs(50), &sample(1000, 4096, 0), &quiet);
+            rec.flush(t + secs(50));
+        }
+        assert_eq!(rec.closed.len(), MAX_UNSAVED_CLOSED);
+        let newest = rec.closed.last().unwrap();
+        assert_eq!(newest.engine_incident, MAX_UNSAVED_CLOSED as u64 + 20);
     }
 
     #[test]

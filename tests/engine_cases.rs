@@ -318,3 +318,31 @@ fn drops_across_a_sample_without_counters_still_count() {
     e.observe(secs(2), with_drops(9));
     assert_eq!(e.state().level, Level::Critical);
 }
+
+/// Someone resets max (a firewall restart) right after ctguard raised it, before any
+/// sample showed the raised value: the samples after the write show the reset, and the
+/// next raise must start from it, or the executor refuses every raise as stale.
+#[test]
+fn a_reset_before_the_first_sample_after_a_raise_is_planned_from() {
+    let mut e = engine();
+    e.observe(secs(0), sample(230_000, 262_144));
+    let d = e.observe(secs(10), sample(230_000, 262_144));
+    assert!(
+        matches!(&d[0].action, Action::Apply(c) if c[0].knob == Knob::Max),
+        "{d:?}"
+    );
+    assert!(e.outcome(secs(10), d[0].id, Outcome::Applied).is_empty());
+    // Every sample after the write shows the original again, the table still as full.
+    let mut next = Vec::new();
+    for t in 11..=45 {
+        next = e.observe(secs(t), sample(262_000, 262_144));
+        if !next.is_empty() {
+            break;
+        }
+    }
+    let max = next.iter().find_map(|d| match &d.action {
+        Action::Apply(c) => c.iter().find(|c| c.knob == Knob::Max),
+        _ => None,
+    });
+    assert_eq!(max.map(|c| c.from), Some(262_144), "{next:?}");
+}

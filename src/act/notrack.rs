@@ -23,10 +23,10 @@ probe that cannot see what remote clients see.
 */
 
 use serde::{Deserialize, Serialize};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub use crate::port::{PortKey, Proto};
 
@@ -195,7 +195,13 @@ impl NotrackError {
     }
 }
 
-/// Runs a backend's tool and returns its output, whatever its exit status.
+/// How long a backend's tool may run. `nft` and `iptables-restore` answer in milliseconds;
+/// one that hangs (a lock held, a stuck netlink socket) is killed at this limit, since the
+/// daemon waits for it on its loop.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a backend's tool and returns its output, whatever its exit status; a tool still
+/// running after [`TOOL_TIMEOUT`] is killed and that is the error.
 ///
 /// With `netns`, the child is spawned from a thread that entered that namespace
 /// ([`crate::netns::run_in`]): a child inherits its parent thread's namespaces, so the tool
@@ -208,6 +214,17 @@ pub(crate) fn run_tool(
     args: &[&str],
     stdin: &[u8],
 ) -> Result<Output, NotrackError> {
+    run_tool_within(backend, netns, program, args, stdin, TOOL_TIMEOUT)
+}
+
+fn run_tool_within(
+    backend: &'static str,
+    netns: Option<&Path>,
+    program: &Path,
+    args: &[&str],
+    stdin: &[u8],
+    limit: Duration,
+) -> Result<Output, NotrackError> {
     let command = describe(program, args);
     let spawn_and_wait = || -> io::Result<Output> {
         let mut child = Command::new(program)
@@ -219,7 +236,7 @@ pub(crate) fn run_tool(
         // The tools read all of stdin before writing much, so writing first cannot
         // deadlock on a full pipe.
         let written = child.stdin.take().expect("stdin is piped").write_all(stdin);
-        let output = child.wait_with_output()?;
+        let output = output_within(child, limit)?;
         match written {
             // A tool that exits early (bad arguments) closes stdin: its stderr says why.
             Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e),
@@ -239,6 +256,59 @@ pub(crate) fn run_tool(
         } else {
             NotrackError::Spawn { command, source }
         }
+    })
+}
+
+/// A child's exit status and output, or a `TimedOut` error once it ran past `limit` (it is
+/// then killed). The output is read on threads of their own; a child whose output closed
+/// is exiting, so its status is waited for only until the same limit.
+fn output_within(mut child: Child, limit: Duration) -> io::Result<Output> {
+    let deadline = Instant::now() + limit;
+    let (done, finished) = std::sync::mpsc::channel();
+    let stdout = read_to_end_on_a_thread(child.stdout.take(), done.clone());
+    let stderr = read_to_end_on_a_thread(child.stderr.take(), done);
+    let closed = (0..2).all(|_| {
+        finished
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
+    });
+    let status = loop {
+        match child.try_wait()? {
+            Some(status) if closed => break status,
+            _ if !closed || Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer within {}; killed",
+                        humantime::format_duration(limit)
+                    ),
+                ));
+            }
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    };
+    let joined = |reader: std::thread::JoinHandle<Vec<u8>>| reader.join().unwrap_or_default();
+    Ok(Output {
+        status,
+        stdout: joined(stdout),
+        stderr: joined(stderr),
+    })
+}
+
+/// Reads a child's pipe to its end on a new thread, then says so on `done`.
+fn read_to_end_on_a_thread<R: Read + Send + 'static>(
+    pipe: Option<R>,
+    done: std::sync::mpsc::Sender<()>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        let _ = done.send(());
+        bytes
     })
 }
 
@@ -313,6 +383,39 @@ mod tests {
         .unwrap_err();
         assert!(err.is_unavailable(), "{err}");
         assert!(err.to_string().contains("/nonexistent/nft"), "{err}");
+    }
+
+    #[test]
+    fn a_tool_that_hangs_is_killed_at_the_limit() {
+        let started = std::time::Instant::now();
+        let err = run_tool_within(
+            "nftables",
+            None,
+            Path::new("/bin/sleep"),
+            &["60"],
+            b"",
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+        assert!(!err.is_unavailable(), "{err}");
+        assert!(err.to_string().contains("/bin/sleep 60"), "{err}");
+        assert!(err.to_string().contains("killed"), "{err}");
+    }
+
+    #[test]
+    fn a_tool_that_answers_in_time_gives_its_output() {
+        let output = run_tool_within(
+            "nftables",
+            None,
+            Path::new("/bin/cat"),
+            &[],
+            b"ruleset",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(output.status.success());
+        assert_eq!(output.stdout, b"ruleset");
     }
 
     #[test]

@@ -259,8 +259,9 @@ struct KnobRecord {
     original: u64,
     current: u64,
     dry_run: bool,
-    /// A sample has shown `current` since it was set. Only then does a different value
-    /// mean someone else changed the knob (before, the sample may simply predate the write).
+    /// A sample has been observed since `current` was set: the last sample was read before
+    /// the write until then, after it since (the daemon samples and decides in turn), so a
+    /// different value now means someone else changed the knob.
     confirmed: bool,
 }
 
@@ -353,7 +354,7 @@ impl Engine {
                     .update(&self.policy.levels, now, sample.ratio(), lost > 0);
                 self.last_loss = lost;
                 for (&knob, r) in self.knobs.iter_mut() {
-                    if !r.dry_run && observed_value(&sample, knob) == Some(r.current) {
+                    if !r.dry_run && observed_value(&sample, knob).is_some() {
                         r.confirmed = true;
                     }
                 }

@@ -51,6 +51,10 @@ pub const TESTS: &[(&str, fn())] = &[
     ),
     ("fault_corrupt_journal_watches_only", corrupt_journal),
     ("fault_garbage_policy_keeps_the_old_one", garbage_policy),
+    (
+        "fault_failing_kernel_log_does_not_stop_polling",
+        failing_kernel_log,
+    ),
     ("fault_kmsg_storm_does_not_delay_detection", kmsg_storm),
     (
         "fault_documented_capabilities_are_enough",
@@ -406,6 +410,38 @@ fn garbage_policy() {
         wait_until(Duration::from_secs(10), || read_global("nf_conntrack_max")
             > 4096),
         "{}",
+        daemon.log()
+    );
+    drain(&lab);
+    assert!(daemon.signal(libc::SIGTERM).success());
+    assert_eq!(lab.snapshot(), before);
+}
+
+/// A kernel log that fails at every read (here a file at its end, as `/dev/kmsg`): the
+/// daemon retries it every second, and must still poll at its own interval (longer).
+fn failing_kernel_log() {
+    let _globals = crate::lab::small_table();
+    let lab = LabNetns::with_udp_timeout("nokmsg", 3);
+    let state = tempfile::tempdir().unwrap();
+    let before = lab.snapshot();
+    let policy = policy_with(state.path(), &[("at_rest = \"200ms\"", "at_rest = \"3s\"")]);
+    let mut daemon = run_in_mount_ns(
+        "mount --bind /proc/sys/kernel/hostname /dev/kmsg",
+        &[],
+        &state_args(&lab, &policy, state.path()),
+        &state.path().join("log"),
+    );
+    daemon.assert_started();
+    assert!(
+        daemon.wait_for_log("kernel log read failed", Duration::from_secs(5)),
+        "{}",
+        daemon.log()
+    );
+    lab.fill_table(2000);
+    assert!(
+        wait_until(Duration::from_secs(15), || read_global("nf_conntrack_max")
+            > 4096),
+        "the full table was not acted on:\n{}",
         daemon.log()
     );
     drain(&lab);
