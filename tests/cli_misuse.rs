@@ -47,6 +47,12 @@ fn missing_required_argument() {
         &["run", "--policy"],
         "a value is required for '--policy <FILE>'",
     );
+    // simulate needs one of --trace or --scenario, and says so (not just --trace).
+    assert_misuse(&["simulate"], "<--trace <FILE>|--scenario <NAME>>");
+    assert_misuse(
+        &["simulate", "--scenario", "flood", "--trace", "t.jsonl"],
+        "cannot be used with",
+    );
 }
 
 #[test]
