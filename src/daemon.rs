@@ -156,11 +156,14 @@ impl Daemon {
         crate::security::check_state_dir(&options.state_dir)?;
         let host = HostMemory::read()?;
         let netns = options.netns.as_deref();
-        let sampler = Sampler::open(netns)?;
         let netns_inode = match netns {
-            Some(path) => Some(crate::netns::inode_of(path)?),
+            Some(path) => Some(
+                crate::netns::inode_of(path)
+                    .with_context(|| format!("network namespace {}", path.display()))?,
+            ),
             None => crate::netns::current_inode().ok(),
         };
+        let sampler = Sampler::open(netns)?;
         let kmsg = KmsgFollower::open()
             .map_err(|e| warn!(error = %e, "kernel log unavailable; relying on polling"))
             .ok();
