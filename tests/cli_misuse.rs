@@ -107,3 +107,26 @@ fn missing_namespace_is_named_once() {
         );
     }
 }
+
+#[test]
+fn incidents_state_dir_before_or_after_show() {
+    let state = tempfile::tempdir().unwrap();
+    let state = state.path().to_str().unwrap();
+    for args in [
+        &["incidents", "--state-dir", state, "show", "latest"][..],
+        &["incidents", "show", "latest", "--state-dir", state],
+        &[
+            "incidents",
+            "--json",
+            "--state-dir",
+            state,
+            "show",
+            "latest",
+        ],
+    ] {
+        let (code, stderr) = ctguard(args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        let says = format!("no incident \"latest\" in {state}/incidents");
+        assert!(stderr.contains(&says), "{args:?}: {stderr}");
+    }
+}
