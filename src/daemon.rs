@@ -557,16 +557,29 @@ impl Daemon {
             let outcome = match &decision.action {
                 dry_run @ Action::DryRun(_) => {
                     if let Some(exec) = self.rehearsal.as_mut() {
-                        let outcome =
-                            perform(exec, decision.stage, dry_run, incident, in_use, &mut notes);
+                        let outcome = perform(
+                            exec,
+                            decision.stage,
+                            dry_run,
+                            incident,
+                            in_use,
+                            &mut notes,
+                            true,
+                        );
                         info!(id = %decision.id, ?outcome, ?notes, "dry-run: would have done this; nothing changed");
                     }
                     continue;
                 }
                 action => match self.executor.as_mut() {
-                    Some(exec) => {
-                        perform(exec, decision.stage, action, incident, in_use, &mut notes)
-                    }
+                    Some(exec) => perform(
+                        exec,
+                        decision.stage,
+                        action,
+                        incident,
+                        in_use,
+                        &mut notes,
+                        false,
+                    ),
                     None => Outcome::NotPermitted(
                         "no usable journal: ctguard does not act unjournaled".into(),
                     ),
@@ -689,19 +702,20 @@ fn perform(
     incident: u64,
     in_use: u64,
     notes: &mut Vec<String>,
+    rehearsal: bool,
 ) -> Outcome {
     match action {
-        Action::Apply(changes) => apply_all(exec, stage, changes, incident, in_use),
-        Action::Revert(changes) => revert_all(exec, changes, in_use),
+        Action::Apply(changes) => apply_all(exec, stage, changes, incident, in_use, rehearsal),
+        Action::Revert(changes) => revert_all(exec, changes, in_use, rehearsal),
         Action::Notrack { ports, expiry } => {
-            notrack_all(exec, stage, ports, *expiry, incident, notes)
+            notrack_all(exec, stage, ports, *expiry, incident, notes, rehearsal)
         }
         Action::Untrack { ports } => untrack_all(exec, ports),
         // Eviction rounds run on their own thread (`EvictionRound`), never through here.
         Action::Evict { .. } => {
             Outcome::Failed("an eviction round is not an executor action".into())
         }
-        Action::DryRun(inner) => perform(exec, stage, inner, incident, in_use, notes),
+        Action::DryRun(inner) => perform(exec, stage, inner, incident, in_use, notes, true),
     }
 }
 
@@ -764,6 +778,7 @@ fn apply_all(
     changes: &[Change],
     incident: u64,
     in_use: u64,
+    rehearsal: bool,
 ) -> Outcome {
     let mut done = Vec::new();
     for change in changes {
@@ -776,7 +791,11 @@ fn apply_all(
         };
         match exec.apply(&request, in_use) {
             Ok(id) => {
-                info!(entry = id, knob = %change.knob, from = change.from, to = change.to, "changed");
+                if rehearsal {
+                    info!(entry = id, knob = %change.knob, from = change.from, to = change.to, "would change");
+                } else {
+                    info!(entry = id, knob = %change.knob, from = change.from, to = change.to, "changed");
+                }
                 done.push(id);
             }
             Err(e) => {
@@ -792,7 +811,12 @@ fn apply_all(
     Outcome::Applied
 }
 
-fn revert_all(exec: &mut BoxedExecutor, changes: &[Change], in_use: u64) -> Outcome {
+fn revert_all(
+    exec: &mut BoxedExecutor,
+    changes: &[Change],
+    in_use: u64,
+    rehearsal: bool,
+) -> Outcome {
     for change in changes {
         let netns = exec.netns().map(Path::to_path_buf);
         let Some(entry) = exec
@@ -805,7 +829,11 @@ fn revert_all(exec: &mut BoxedExecutor, changes: &[Change], in_use: u64) -> Outc
         };
         match exec.step_back(entry, change.to, in_use) {
             Ok(Reverted::Restored { knob, to, .. } | Reverted::Stepped { knob, to, .. }) => {
-                info!(entry, %knob, to, "reverted")
+                if rehearsal {
+                    info!(entry, %knob, to, "would revert")
+                } else {
+                    info!(entry, %knob, to, "reverted")
+                }
             }
             Ok(Reverted::AlreadyOriginal { knob, .. }) => {
                 info!(entry, %knob, "already at its original")
@@ -852,6 +880,7 @@ fn notrack_all(
     expiry: Duration,
     incident: u64,
     notes: &mut Vec<String>,
+    rehearsal: bool,
 ) -> Outcome {
     for &port in ports {
         let change = match NotrackChange::new(port.proto, port.port, expiry) {
@@ -865,7 +894,12 @@ fn notrack_all(
             Ok(id) => id,
             Err(e) => return outcome_of(&e),
         };
-        info!(entry = id, %port, expiry = %humantime::format_duration(expiry), "NOTRACK added");
+        let expiry = humantime::format_duration(expiry);
+        if rehearsal {
+            info!(entry = id, %port, %expiry, "would add NOTRACK");
+        } else {
+            info!(entry = id, %port, %expiry, "NOTRACK added");
+        }
         let Some(probe) = probe else { continue };
         let at = probe.addr;
         if !answered_before {
