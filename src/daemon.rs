@@ -159,11 +159,14 @@ impl Daemon {
         crate::security::check_state_dir(&options.state_dir)?;
         let host = HostMemory::read()?;
         let netns = options.netns.as_deref();
-        let sampler = Sampler::open(netns)?;
         let netns_inode = match netns {
-            Some(path) => Some(crate::netns::inode_of(path)?),
+            Some(path) => Some(
+                crate::netns::inode_of(path)
+                    .with_context(|| format!("network namespace {}", path.display()))?,
+            ),
             None => crate::netns::current_inode().ok(),
         };
+        let sampler = Sampler::open(netns)?;
         let kmsg = KmsgFollower::open()
             .map_err(|e| warn!(error = %e, "kernel log unavailable; relying on polling"))
             .ok();
@@ -563,16 +566,29 @@ impl Daemon {
             let outcome = match &decision.action {
                 dry_run @ Action::DryRun(_) => {
                     if let Some(exec) = self.rehearsal.as_mut() {
-                        let outcome =
-                            perform(exec, decision.stage, dry_run, incident, in_use, &mut notes);
+                        let outcome = perform(
+                            exec,
+                            decision.stage,
+                            dry_run,
+                            incident,
+                            in_use,
+                            &mut notes,
+                            true,
+                        );
                         info!(id = %decision.id, ?outcome, ?notes, "dry-run: would have done this; nothing changed");
                     }
                     continue;
                 }
                 action => match self.executor.as_mut() {
-                    Some(exec) => {
-                        perform(exec, decision.stage, action, incident, in_use, &mut notes)
-                    }
+                    Some(exec) => perform(
+                        exec,
+                        decision.stage,
+                        action,
+                        incident,
+                        in_use,
+                        &mut notes,
+                        false,
+                    ),
                     None => Outcome::NotPermitted(
                         "no usable journal: ctguard does not act unjournaled".into(),
                     ),
@@ -695,19 +711,20 @@ fn perform(
     incident: u64,
     in_use: u64,
     notes: &mut Vec<String>,
+    rehearsal: bool,
 ) -> Outcome {
     match action {
-        Action::Apply(changes) => apply_all(exec, stage, changes, incident, in_use),
-        Action::Revert(changes) => revert_all(exec, changes, in_use),
+        Action::Apply(changes) => apply_all(exec, stage, changes, incident, in_use, rehearsal),
+        Action::Revert(changes) => revert_all(exec, changes, in_use, rehearsal),
         Action::Notrack { ports, expiry } => {
-            notrack_all(exec, stage, ports, *expiry, incident, notes)
+            notrack_all(exec, stage, ports, *expiry, incident, notes, rehearsal)
         }
         Action::Untrack { ports } => untrack_all(exec, ports),
         // Eviction rounds run on their own thread (`EvictionRound`), never through here.
         Action::Evict { .. } => {
             Outcome::Failed("an eviction round is not an executor action".into())
         }
-        Action::DryRun(inner) => perform(exec, stage, inner, incident, in_use, notes),
+        Action::DryRun(inner) => perform(exec, stage, inner, incident, in_use, notes, true),
     }
 }
 
@@ -770,6 +787,7 @@ fn apply_all(
     changes: &[Change],
     incident: u64,
     in_use: u64,
+    rehearsal: bool,
 ) -> Outcome {
     let mut done = Vec::new();
     for change in changes {
@@ -782,7 +800,11 @@ fn apply_all(
         };
         match exec.apply(&request, in_use) {
             Ok(id) => {
-                info!(entry = id, knob = %change.knob, from = change.from, to = change.to, "changed");
+                if rehearsal {
+                    info!(entry = id, knob = %change.knob, from = change.from, to = change.to, "would change");
+                } else {
+                    info!(entry = id, knob = %change.knob, from = change.from, to = change.to, "changed");
+                }
                 done.push(id);
             }
             Err(e) => {
@@ -798,7 +820,12 @@ fn apply_all(
     Outcome::Applied
 }
 
-fn revert_all(exec: &mut BoxedExecutor, changes: &[Change], in_use: u64) -> Outcome {
+fn revert_all(
+    exec: &mut BoxedExecutor,
+    changes: &[Change],
+    in_use: u64,
+    rehearsal: bool,
+) -> Outcome {
     for change in changes {
         let netns = exec.netns().map(Path::to_path_buf);
         let Some(entry) = exec
@@ -811,7 +838,11 @@ fn revert_all(exec: &mut BoxedExecutor, changes: &[Change], in_use: u64) -> Outc
         };
         match exec.step_back(entry, change.to, in_use) {
             Ok(Reverted::Restored { knob, to, .. } | Reverted::Stepped { knob, to, .. }) => {
-                info!(entry, %knob, to, "reverted")
+                if rehearsal {
+                    info!(entry, %knob, to, "would revert")
+                } else {
+                    info!(entry, %knob, to, "reverted")
+                }
             }
             Ok(Reverted::AlreadyOriginal { knob, .. }) => {
                 info!(entry, %knob, "already at its original")
@@ -858,6 +889,7 @@ fn notrack_all(
     expiry: Duration,
     incident: u64,
     notes: &mut Vec<String>,
+    rehearsal: bool,
 ) -> Outcome {
     for &port in ports {
         let change = match NotrackChange::new(port.proto, port.port, expiry) {
@@ -871,7 +903,12 @@ fn notrack_all(
             Ok(id) => id,
             Err(e) => return outcome_of(&e),
         };
-        info!(entry = id, %port, expiry = %humantime::format_duration(expiry), "NOTRACK added");
+        let expiry = humantime::format_duration(expiry);
+        if rehearsal {
+            info!(entry = id, %port, %expiry, "would add NOTRACK");
+        } else {
+            info!(entry = id, %port, %expiry, "NOTRACK added");
+        }
         let Some(probe) = probe else { continue };
         let at = probe.addr;
         if !answered_before {

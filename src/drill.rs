@@ -775,6 +775,26 @@ impl Signals {
     }
 }
 
+/// Why a drill saw no kernel signal to time the daemon against: the load fell short of
+/// the max, or it reached it and the kernel evicted unreplied entries (`early_drop`)
+/// instead of dropping packets.
+fn no_signal_problem(run: &RunFigures, table_max: u64) -> String {
+    if run.peak_count < table_max {
+        return format!(
+            "the kernel never signalled a full table: the load did not fill it \
+             (peak {} of max {table_max})",
+            run.peak_count
+        );
+    }
+    format!(
+        "the kernel never signalled a full table: the load filled it (peak {} of max \
+         {table_max}) but the kernel evicted {} unreplied entries (early_drop) instead of \
+         dropping packets; with --allow-global the drill lowers max to {DRILL_MAX}, where \
+         the load overflows it",
+        run.peak_count, run.early_drops
+    )
+}
+
 fn packet_drops(stats: &ConntrackStats) -> u64 {
     stats.drop + stats.insert_failed
 }
@@ -1179,7 +1199,7 @@ pub fn run(options: &DrillOptions) -> Result<DrillReport, DrillError> {
         ))?;
     }
     if signals.first_signal().is_none() {
-        problem("the kernel never signalled a full table: the load did not fill it".into())?;
+        problem(no_signal_problem(&with_ctguard, table_max))?;
     }
 
     // The flood is over: its flows go, and the daemon recovers and rolls back.
@@ -1407,6 +1427,29 @@ mod tests {
         ack[16..20].copy_from_slice(&(-libc::EPERM).to_ne_bytes());
         assert_eq!(ack_errno(&ack, 7), Some(libc::EPERM));
         assert_eq!(ack_errno(&ack[..10], 7), None);
+    }
+
+    #[test]
+    fn no_signal_says_whether_the_table_filled() {
+        let short = RunFigures {
+            peak_count: 1000,
+            ..RunFigures::default()
+        };
+        assert!(
+            no_signal_problem(&short, 8192).contains("did not fill it (peak 1000 of max 8192)")
+        );
+        let evicted = RunFigures {
+            peak_count: 262_145,
+            early_drops: 155_217,
+            ..RunFigures::default()
+        };
+        let text = no_signal_problem(&evicted, 262_144);
+        assert!(text.contains("the load filled it"), "{text}");
+        assert!(
+            text.contains("evicted 155217 unreplied entries (early_drop)"),
+            "{text}"
+        );
+        assert!(text.contains("--allow-global"), "{text}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Misusing the command line prints usage help (or where to find it) on stderr and exits non-zero (clap's 2),
-//! without touching anything.
+//! without touching anything; naming something that is not there (a namespace) fails (1)
+//! with one clear line.
 
 use std::process::Command;
 
@@ -47,6 +48,12 @@ fn missing_required_argument() {
         &["run", "--policy"],
         "a value is required for '--policy <FILE>'",
     );
+    // simulate needs one of --trace or --scenario, and says so (not just --trace).
+    assert_misuse(&["simulate"], "<--trace <FILE>|--scenario <NAME>>");
+    assert_misuse(
+        &["simulate", "--scenario", "flood", "--trace", "t.jsonl"],
+        "cannot be used with",
+    );
 }
 
 #[test]
@@ -60,4 +67,66 @@ fn unknown_flag() {
         &["status", "--frobnicate"],
         "unexpected argument '--frobnicate'",
     );
+}
+
+#[test]
+fn missing_namespace_is_named_once() {
+    let state = tempfile::tempdir().unwrap();
+    let state = state.path().to_str().unwrap();
+    let missing = "/nonexistent/ctguard-test-netns";
+    let out = "/nonexistent/trace.jsonl";
+    for args in [
+        &["status", "--netns", missing][..],
+        &[
+            "record",
+            "--netns",
+            missing,
+            "--out",
+            out,
+            "--duration",
+            "1s",
+        ],
+        &[
+            "run",
+            "--dry-run",
+            "--no-metrics",
+            "--state-dir",
+            state,
+            "--netns",
+            missing,
+        ],
+    ] {
+        let (code, stderr) = ctguard(args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        let says = format!("network namespace {missing}: No such file or directory");
+        assert!(stderr.contains(&says), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.matches("No such file").count(),
+            1,
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn incidents_state_dir_before_or_after_show() {
+    let state = tempfile::tempdir().unwrap();
+    let state = state.path().to_str().unwrap();
+    for args in [
+        &["incidents", "--state-dir", state, "show", "latest"][..],
+        &["incidents", "show", "latest", "--state-dir", state],
+        &[
+            "incidents",
+            "--json",
+            "--state-dir",
+            state,
+            "show",
+            "latest",
+        ],
+    ] {
+        let (code, stderr) = ctguard(args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        let says = format!("no incident \"latest\" in {state}/incidents");
+        assert!(stderr.contains(&says), "{args:?}: {stderr}");
+    }
 }

@@ -173,3 +173,24 @@ fn one_bad_file_fails_the_run_but_the_good_ones_are_still_reported() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("policies/default.toml: valid"));
 }
+
+#[test]
+fn an_untrusted_file_is_valid_but_the_warning_says_run_would_refuse_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default.toml"),
+        &path,
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = check(&[path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: `ctguard run` would refuse this file: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("chmod go-w"), "{stderr}");
+}

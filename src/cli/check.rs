@@ -29,9 +29,10 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         report(&Policy::embedded_default(), &host, &table);
     }
     for path in &args.files {
-        // `ctguard run` would refuse an untrusted file; here it is only a warning.
+        // `ctguard run` would refuse an untrusted file; here it is only a warning, which
+        // says so (the file is still reported valid).
         for warning in crate::security::warnings_for_policy_file(path) {
-            eprintln!("warning: {warning}");
+            eprintln!("warning: `ctguard run` would refuse this file: {warning}");
         }
         match load(path) {
             Ok(policy) => report(&policy, &host, &table),

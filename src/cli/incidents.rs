@@ -1,20 +1,26 @@
 //! `ctguard incidents`: the incidents the daemon recorded under `STATE_DIR/incidents`, as a
 //! list, or one of them as a story, a JSON record or a timeline picture (SVG).
 
-use super::StateDir;
 use crate::incident::{self, IncidentDir, IncidentRecord, What};
 use anyhow::Context;
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// `--state-dir` and `--json` are global here, so that they may come before or after
+/// `show` (`ctguard incidents --state-dir DIR show ID` as well as `… show ID --state-dir DIR`).
 #[derive(Debug, clap::Args)]
-#[command(args_conflicts_with_subcommands = true)]
 pub struct IncidentsArgs {
-    #[command(flatten)]
-    pub state: StateDir,
-    /// Machine-readable output.
-    #[arg(long)]
+    /// Where the journal and incident records live.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = "/var/lib/ctguard"
+    )]
+    pub state_dir: PathBuf,
+    /// Machine-readable output (with `show`: the record as JSON instead of the story).
+    #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
     pub command: Option<IncidentsCommand>,
@@ -30,11 +36,6 @@ pub enum IncidentsCommand {
 pub struct ShowArgs {
     /// The incident id (or a unique prefix of it, or `latest`).
     pub id: String,
-    #[command(flatten)]
-    pub state: StateDir,
-    /// Print the record as JSON instead of the story.
-    #[arg(long)]
-    pub json: bool,
     /// Also draw the timeline picture into this SVG file.
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
@@ -117,13 +118,13 @@ fn summary(record: &IncidentRecord) -> Summary<'_> {
 
 pub fn run(args: IncidentsArgs) -> anyhow::Result<ExitCode> {
     match args.command {
-        Some(IncidentsCommand::Show(show)) => run_show(show),
-        None => list(&args.state, args.json),
+        Some(IncidentsCommand::Show(show)) => run_show(&args.state_dir, args.json, show),
+        None => list(&args.state_dir, args.json),
     }
 }
 
-fn list(state: &StateDir, json: bool) -> anyhow::Result<ExitCode> {
-    let dir = IncidentDir::under_state_dir(&state.state_dir);
+fn list(state_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let dir = IncidentDir::under_state_dir(state_dir);
     let records = dir.load_all()?;
     if json {
         let summaries: Vec<Summary> = records.iter().map(summary).collect();
@@ -157,10 +158,10 @@ fn list(state: &StateDir, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_show(args: ShowArgs) -> anyhow::Result<ExitCode> {
-    let dir = IncidentDir::under_state_dir(&args.state.state_dir);
+fn run_show(state_dir: &Path, json: bool, args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let dir = IncidentDir::under_state_dir(state_dir);
     let record = dir.find(&args.id)?;
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&record)?);
     } else {
         print!("{}", incident::narrative(&record));

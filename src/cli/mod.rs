@@ -54,6 +54,10 @@ pub enum Command {
     /// Restore original values of changes still in force.
     Rollback(rollback::RollbackArgs),
     /// Show what fills the conntrack table now, and which ports NOTRACK could take out.
+    ///
+    /// Eligibility follows built-in rules (ports with at least 10% of the table, never 22,
+    /// at most 4), not a policy's `notrack_hot_ports`: a port shown as eligible may still
+    /// be outside your policy's allow list or share.
     Top(top::TopArgs),
     /// Stage a conntrack incident in scratch namespaces, with and without ctguard.
     Drill(drill::DrillArgs),

@@ -63,7 +63,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let netns_inode = match &netns_path {
         Some(path) => Some(
             netns::inode_of(path)
-                .with_context(|| format!("{}: not a network namespace", path.display()))?,
+                .with_context(|| format!("network namespace {}", path.display()))?,
         ),
         None => None,
     };

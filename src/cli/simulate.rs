@@ -9,19 +9,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
+#[command(group = clap::ArgGroup::new("input").required(true).args(["trace", "scenario"]))]
 pub struct SimulateArgs {
     /// Policy file; default: the embedded default policy.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
     /// A recorded trace (JSON lines, see docs/trace-format.md).
-    #[arg(
-        long,
-        conflicts_with = "scenario",
-        required_unless_present = "scenario"
-    )]
+    #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
     /// A built-in synthetic scenario.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, value_name = "NAME")]
     pub scenario: Option<Scenario>,
     /// Simulate a non-initial network namespace: max and buckets are refused (EACCES).
     #[arg(long)]

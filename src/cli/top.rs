@@ -60,7 +60,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
     let output = if args.json {
         json_report(&args, &table, &verdicts, &rules).to_string() + "\n"
     } else {
-        text_report(&args, &table, &verdicts)
+        text_report(&args, &table, &verdicts, &rules)
     };
     std::io::stdout().write_all(output.as_bytes())?;
     Ok(ExitCode::SUCCESS)
@@ -108,7 +108,12 @@ fn json_report(
     })
 }
 
-fn text_report(args: &TopArgs, table: &TableBreakdown, verdicts: &[PortVerdict]) -> String {
+fn text_report(
+    args: &TopArgs,
+    table: &TableBreakdown,
+    verdicts: &[PortVerdict],
+    rules: &NotrackEligibility,
+) -> String {
     let mut out = String::new();
     let place = args
         .netns
@@ -170,7 +175,7 @@ fn text_report(args: &TopArgs, table: &TableBreakdown, verdicts: &[PortVerdict])
             let _ = writeln!(out, "  {:>39}  {}{bound}", source.address, source.entries);
         }
     }
-    let _ = writeln!(out, "\nNOTRACK:");
+    let _ = writeln!(out, "\n{}:", rules_heading(rules));
     let eligible: Vec<&&PortVerdict> = shown
         .iter()
         .map(|(_, v)| v)
@@ -184,4 +189,38 @@ fn text_report(args: &TopArgs, table: &TableBreakdown, verdicts: &[PortVerdict])
         let _ = writeln!(out, "  {mark:>8}  {}", verdict.reason);
     }
     out
+}
+
+/// The NOTRACK heading names the rules applied: `top` takes no policy, so they are the
+/// built-in ones, not a policy's `notrack_hot_ports`.
+fn rules_heading(rules: &NotrackEligibility) -> String {
+    let ports = |list: &[u16]| {
+        let list: Vec<String> = list.iter().map(ToString::to_string).collect();
+        list.join(", ")
+    };
+    let mut heading = format!(
+        "NOTRACK (built-in rules, not your policy's: ports with ≥ {} of the table",
+        percent(rules.min_share)
+    );
+    if !rules.allow.is_empty() {
+        let _ = write!(heading, ", only {}", ports(&rules.allow));
+    }
+    if !rules.deny.is_empty() {
+        let _ = write!(heading, ", never {}", ports(&rules.deny));
+    }
+    let _ = write!(heading, ", at most {})", rules.max_ports);
+    heading
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_notrack_heading_names_the_rules_applied() {
+        assert_eq!(
+            rules_heading(&NotrackEligibility::default()),
+            "NOTRACK (built-in rules, not your policy's: ports with ≥ 10% of the table, never 22, at most 4)"
+        );
+    }
 }

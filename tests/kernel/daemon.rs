@@ -30,6 +30,10 @@ pub const TESTS: &[(&str, fn())] = &[
         "daemon_inside_a_namespace_moves_on_to_timeouts",
         inside_namespace,
     ),
+    (
+        "daemon_dry_run_logs_would_change_and_changes_nothing",
+        dry_run_says_would,
+    ),
 ];
 
 const UDP: &str = "nf_conntrack_udp_timeout";
@@ -371,4 +375,42 @@ fn evicts_unreplied() {
         !journal.contains("evict"),
         "eviction was journaled: {journal}"
     );
+}
+
+/// `--dry-run` logs each change it would make as "would change" (never "changed", which
+/// an operator greps for real changes) and leaves every value as it was. Levels are set
+/// low enough for a few hundred flows, so nothing global is touched.
+fn dry_run_says_would() {
+    let lab = LabNetns::new("dryrun");
+    let state = tempfile::tempdir().unwrap();
+    let policy = policy_with(
+        state.path(),
+        &[
+            (
+                "at = 0.70\nclear_below = 0.65",
+                "at = 0.0005\nclear_below = 0.0004",
+            ),
+            (
+                "at = 0.85\nclear_below = 0.80",
+                "at = 0.001\nclear_below = 0.0008",
+            ),
+            ("recover_below = 0.60", "recover_below = 0.0001"),
+        ],
+    );
+    let before = lab.snapshot();
+    let mut args = state_args(&lab, &policy, state.path());
+    args.extend(["--dry-run", "--no-metrics"]);
+    let mut daemon = Daemon::run(&args, state.path().join("log"));
+    daemon.assert_started();
+    ctguard::netns::run_in(&lab.path, || crate::lab::udp_flows(20_000, 1000, 5353)).unwrap();
+    assert!(
+        daemon.wait_for_log("would change", Duration::from_secs(10)),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.signal(libc::SIGTERM).success());
+    let log = daemon.log();
+    assert!(!log.contains("daemon: changed "), "{log}");
+    assert!(log.contains("would revert"), "{log}");
+    assert_eq!(lab.snapshot(), before);
 }
