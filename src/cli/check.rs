@@ -11,7 +11,6 @@ use crate::observe::ObserveError;
 use crate::observe::memory::HostMemory;
 use crate::observe::sysctl;
 use crate::policy::{Mode, Policy};
-use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -34,7 +33,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         for warning in crate::security::warnings_for_policy_file(path) {
             eprintln!("warning: `ctguard run` would refuse this file: {warning}");
         }
-        match load(path) {
+        match super::read_policy(Some(path)) {
             Ok(policy) => report(&policy, &host, &table),
             Err(err) => {
                 eprintln!("{err:#}");
@@ -47,12 +46,6 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-fn load(path: &Path) -> anyhow::Result<Policy> {
-    let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
-    Ok(Policy::from_toml(&text, &name)?)
 }
 
 fn report(

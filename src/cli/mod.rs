@@ -55,9 +55,8 @@ pub enum Command {
     Rollback(rollback::RollbackArgs),
     /// Show what fills the conntrack table now, and which ports NOTRACK could take out.
     ///
-    /// Eligibility follows built-in rules (ports with at least 10% of the table, never 22,
-    /// at most 4), not a policy's `notrack_hot_ports`: a port shown as eligible may still
-    /// be outside your policy's allow list or share.
+    /// Eligibility follows the `notrack_hot_ports` stage of `--policy FILE`; without one,
+    /// built-in rules (ports with at least 10% of the table, never 22, at most 4).
     Top(top::TopArgs),
     /// Stage a conntrack incident in scratch namespaces, with and without ctguard.
     Drill(drill::DrillArgs),
@@ -74,6 +73,17 @@ pub struct StateDir {
     /// Where the journal and incident records live.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/ctguard")]
     pub state_dir: std::path::PathBuf,
+}
+
+/// Reads and validates a policy file; the embedded default without one.
+pub fn read_policy(path: Option<&std::path::Path>) -> anyhow::Result<crate::policy::Policy> {
+    use anyhow::Context;
+    let Some(path) = path else {
+        return Ok(crate::policy::Policy::embedded_default());
+    };
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
+    Ok(crate::policy::Policy::from_toml(&text, &name)?)
 }
 
 /// Runs the parsed command line.

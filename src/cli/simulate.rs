@@ -2,7 +2,6 @@
 //! or a recorded trace, printing the timeline of levels, incidents and decisions
 //! (`--svg FILE` also draws it, see [`crate::svg`]).
 
-use crate::policy::Policy;
 use crate::simulate::{self, Scenario, SimOptions, trace};
 use anyhow::Context;
 use std::path::PathBuf;
@@ -32,15 +31,7 @@ pub struct SimulateArgs {
 }
 
 pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
-    let policy = match &args.policy {
-        Some(path) => {
-            let name = path.display().to_string();
-            let text =
-                std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
-            Policy::from_toml(&text, &name)?
-        }
-        None => Policy::embedded_default(),
-    };
+    let policy = super::read_policy(args.policy.as_deref())?;
     let options = SimOptions {
         non_initial_netns: args.non_initial_netns,
     };

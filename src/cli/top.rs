@@ -3,8 +3,9 @@
 //!
 //! The table is dumped over ctnetlink and aggregated as it streams
 //! ([`crate::observe::table`]); with `--netns` the sockets are opened inside that
-//! namespace. Eligibility uses the defaults of [`NotrackEligibility`] (10% share, port 22
-//! denied, at most 4 ports); a policy maps its own settings onto the same struct.
+//! namespace. Eligibility follows the `notrack_hot_ports` stage of `--policy FILE`, or
+//! without one (or a policy without the stage) the defaults of [`NotrackEligibility`]
+//! (10% share, port 22 denied, at most 4 ports).
 //!
 //! JSON (`--json`, one object):
 //! - `total`: entries in the table; `netns`: the `--netns` argument or `null`;
@@ -16,7 +17,8 @@
 //! - `tcp_states`: `[{state, entries}]`, commonest first.
 //! - `top_sources`: `[{address, entries, overcount}]`, the `--limit` busiest source
 //!   addresses (`entries` may exceed the truth by `overcount` on very diverse tables).
-//! - `eligibility`: the rules applied, `{min_share, allow, deny, max_ports}`.
+//! - `eligibility`: the rules applied, `{source, min_share, allow, deny, max_ports}`;
+//!   `source` is the policy file or `built-in`, `allow` is `null` when any port may be.
 
 use crate::netns;
 use crate::observe::table::notrack::{
@@ -27,6 +29,7 @@ use anyhow::Context;
 use serde_json::json;
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
@@ -41,9 +44,47 @@ pub struct TopArgs {
     /// How many ports and sources to show.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub limit: usize,
+    /// Judge eligibility by this policy's `notrack_hot_ports` stage (allow and deny lists,
+    /// share, max ports) instead of the built-in rules.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+}
+
+/// The eligibility rules applied and where they come from.
+struct Rules {
+    source: String,
+    eligibility: NotrackEligibility,
+}
+
+impl Rules {
+    fn for_args(args: &TopArgs) -> anyhow::Result<Rules> {
+        let built_in = || Rules {
+            source: "built-in".into(),
+            eligibility: NotrackEligibility::default(),
+        };
+        let Some(path) = &args.policy else {
+            return Ok(built_in());
+        };
+        let policy = super::read_policy(Some(path))?;
+        Ok(match &policy.stages.notrack_hot_ports {
+            Some(stage) => Rules {
+                source: policy.source.clone(),
+                eligibility: stage.into(),
+            },
+            None => Rules {
+                source: format!(
+                    "built-in ({} has no notrack_hot_ports stage)",
+                    policy.source
+                ),
+                ..built_in()
+            },
+        })
+    }
 }
 
 pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
+    // A bad policy is refused before the (slower) table read.
+    let rules = Rules::for_args(&args)?;
     let open = || TableReader::open().context("opening the conntrack table");
     let mut reader = match &args.netns {
         Some(name) => netns::run_in(&netns::resolve(name), open)
@@ -53,8 +94,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
     let table = reader
         .read(args.limit)
         .context("reading the conntrack table")?;
-    let rules = NotrackEligibility::default();
-    let verdicts: Vec<PortVerdict> = notrack_eligibility(&table, &rules)
+    let verdicts: Vec<PortVerdict> = notrack_eligibility(&table, &rules.eligibility)
         .take(args.limit)
         .collect();
     let output = if args.json {
@@ -70,7 +110,7 @@ fn json_report(
     args: &TopArgs,
     table: &TableBreakdown,
     verdicts: &[PortVerdict],
-    rules: &NotrackEligibility,
+    rules: &Rules,
 ) -> serde_json::Value {
     let ports: Vec<_> = table
         .ports
@@ -100,10 +140,11 @@ fn json_report(
         "tcp_states": table.tcp_states,
         "top_sources": table.top_sources,
         "eligibility": {
-            "min_share": rules.min_share,
-            "allow": rules.allow,
-            "deny": rules.deny,
-            "max_ports": rules.max_ports,
+            "source": rules.source,
+            "min_share": rules.eligibility.min_share,
+            "allow": rules.eligibility.allow,
+            "deny": rules.eligibility.deny,
+            "max_ports": rules.eligibility.max_ports,
         },
     })
 }
@@ -112,7 +153,7 @@ fn text_report(
     args: &TopArgs,
     table: &TableBreakdown,
     verdicts: &[PortVerdict],
-    rules: &NotrackEligibility,
+    rules: &Rules,
 ) -> String {
     let mut out = String::new();
     let place = args
@@ -191,24 +232,29 @@ fn text_report(
     out
 }
 
-/// The NOTRACK heading names the rules applied: `top` takes no policy, so they are the
-/// built-in ones, not a policy's `notrack_hot_ports`.
-fn rules_heading(rules: &NotrackEligibility) -> String {
+/// The NOTRACK heading names the rules applied and where they come from.
+fn rules_heading(rules: &Rules) -> String {
     let ports = |list: &[u16]| {
         let list: Vec<String> = list.iter().map(ToString::to_string).collect();
         list.join(", ")
     };
+    let e = &rules.eligibility;
     let mut heading = format!(
-        "NOTRACK (built-in rules, not your policy's: ports with ≥ {} of the table",
-        percent(rules.min_share)
+        "NOTRACK ({} rules: ports with ≥ {} of the table",
+        rules.source,
+        percent(e.min_share)
     );
-    if !rules.allow.is_empty() {
-        let _ = write!(heading, ", only {}", ports(&rules.allow));
+    match &e.allow {
+        Some(allow) if allow.is_empty() => heading.push_str(", none allowed"),
+        Some(allow) => {
+            let _ = write!(heading, ", only {}", ports(allow));
+        }
+        None => {}
     }
-    if !rules.deny.is_empty() {
-        let _ = write!(heading, ", never {}", ports(&rules.deny));
+    if !e.deny.is_empty() {
+        let _ = write!(heading, ", never {}", ports(&e.deny));
     }
-    let _ = write!(heading, ", at most {})", rules.max_ports);
+    let _ = write!(heading, ", at most {})", e.max_ports);
     heading
 }
 
@@ -216,11 +262,31 @@ fn rules_heading(rules: &NotrackEligibility) -> String {
 mod tests {
     use super::*;
 
+    fn args(policy: Option<&str>) -> TopArgs {
+        TopArgs {
+            netns: None,
+            json: false,
+            limit: 10,
+            policy: policy.map(|p| format!("{}/policies/{p}", env!("CARGO_MANIFEST_DIR")).into()),
+        }
+    }
+
     #[test]
     fn the_notrack_heading_names_the_rules_applied() {
+        let heading = |policy| rules_heading(&Rules::for_args(&args(policy)).unwrap());
         assert_eq!(
-            rules_heading(&NotrackEligibility::default()),
-            "NOTRACK (built-in rules, not your policy's: ports with ≥ 10% of the table, never 22, at most 4)"
+            heading(None),
+            "NOTRACK (built-in rules: ports with ≥ 10% of the table, never 22, at most 4)"
+        );
+        let web = heading(Some("web-server.toml"));
+        assert!(
+            web.contains("policies/web-server.toml rules: ports with ≥ 20% of the table, only 80, 443, never 22, 53, at most 2)"),
+            "{web}"
+        );
+        let default = heading(Some("default.toml"));
+        assert!(
+            default.contains(", none allowed, never 22, 53, at most 2)"),
+            "{default}"
         );
     }
 }

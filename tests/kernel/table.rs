@@ -21,10 +21,10 @@ const UDP_FLOWS: u16 = 3000;
 const TCP_FLOWS: u16 = 1000;
 const NAT_FLOWS: u16 = 400;
 
-fn top_json(lab: &LabNetns) -> Value {
-    let out =
-        run(Command::new(env!("CARGO_BIN_EXE_ctguard"))
-            .args(["top", "--netns", &lab.name, "--json"]));
+fn top_json(lab: &LabNetns, extra: &[&str]) -> Value {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_ctguard"))
+        .args(["top", "--netns", &lab.name, "--json"])
+        .args(extra));
     serde_json::from_slice(&out.stdout).expect("top --json prints one JSON object")
 }
 
@@ -40,7 +40,7 @@ fn top_shows_hot_ports_and_refuses_nat() {
     })
     .unwrap();
 
-    let report = top_json(&lab);
+    let report = top_json(&lab, &[]);
     println!("{report}");
     let total = u64::from(UDP_FLOWS + TCP_FLOWS + NAT_FLOWS);
     assert_eq!(report["total"], total);
@@ -73,6 +73,18 @@ fn top_shows_hot_ports_and_refuses_nat() {
     assert_eq!(established["entries"], u64::from(TCP_FLOWS));
 
     compare_with_conntrack_tool(&lab, ports);
+
+    // Judged by a policy's rules instead: web-server.toml allows only 80 and 443.
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/policies/web-server.toml");
+    let judged = top_json(&lab, &["--policy", policy]);
+    assert_eq!(judged["eligibility"]["source"], policy);
+    assert_eq!(judged["eligibility"]["allow"], serde_json::json!([80, 443]));
+    let hot = &judged["ports"][0];
+    assert_eq!(
+        (&hot["port"], &hot["eligible"]),
+        (&5353.into(), &false.into())
+    );
+    assert_eq!(hot["reason"], "port 5353/udp: not on the allow list");
 }
 
 /// A hot local port that one SNAT'd flow's replies are addressed to: NOTRACK there would
@@ -88,7 +100,7 @@ fn top_refuses_a_port_snat_replies_arrive_on() {
     })
     .unwrap();
 
-    let report = top_json(&lab);
+    let report = top_json(&lab, &[]);
     println!("{report}");
     let hot = report["ports"]
         .as_array()

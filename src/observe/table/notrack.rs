@@ -11,6 +11,7 @@
 //! the entries a NOTRACK rule for a local service removes.
 
 use super::{PortUsage, Protocol, TableBreakdown};
+use crate::policy::NotrackHotPorts;
 use serde::Serialize;
 
 /// What the caller (a policy) allows.
@@ -18,12 +19,25 @@ use serde::Serialize;
 pub struct NotrackEligibility {
     /// The least share of the table (0.0–1.0) a port must hold to be worth a rule.
     pub min_share: f64,
-    /// When not empty, only these ports may be offered.
-    pub allow: Vec<u16>,
+    /// Only these ports may be offered (a policy's allow list); `None`: any port.
+    pub allow: Option<Vec<u16>>,
     /// Never offered, whatever their share.
     pub deny: Vec<u16>,
     /// At most this many ports are offered, hottest first.
     pub max_ports: usize,
+}
+
+impl From<&NotrackHotPorts> for NotrackEligibility {
+    /// The rules a policy's `notrack_hot_ports` stage applies (its allow list is required:
+    /// an empty one offers no port).
+    fn from(stage: &NotrackHotPorts) -> Self {
+        NotrackEligibility {
+            min_share: stage.min_share,
+            allow: Some(stage.allow.iter().copied().collect()),
+            deny: stage.deny.iter().copied().collect(),
+            max_ports: stage.max_ports as usize,
+        }
+    }
 }
 
 impl Default for NotrackEligibility {
@@ -31,7 +45,7 @@ impl Default for NotrackEligibility {
     fn default() -> Self {
         NotrackEligibility {
             min_share: 0.10,
-            allow: Vec::new(),
+            allow: None,
             deny: vec![22],
             max_ports: 4,
         }
@@ -125,7 +139,9 @@ fn refusal(usage: &PortUsage, local_share: f64, rules: &NotrackEligibility) -> O
     if rules.deny.contains(&usage.port) {
         return Some(Refusal::Listed("on the deny list"));
     }
-    if !rules.allow.is_empty() && !rules.allow.contains(&usage.port) {
+    if let Some(allow) = &rules.allow
+        && !allow.contains(&usage.port)
+    {
         return Some(Refusal::Listed("not on the allow list"));
     }
     let why = if usage.nat_entries > 0 {
@@ -248,7 +264,7 @@ mod tests {
     fn deny_allow_and_share() {
         let rules = NotrackEligibility {
             min_share: 0.05,
-            allow: vec![8080, 22, 9000],
+            allow: Some(vec![8080, 22, 9000]),
             deny: vec![22],
             max_ports: 4,
         };
