@@ -1,7 +1,7 @@
 //! Engine behaviours that need a specific sequence: an operator's own change wins over
 //! rollback, and a failed change is retried only after its cooldown plus back-off.
 
-use ctguard::engine::{Action, Engine, Input, Outcome};
+use ctguard::engine::{Action, DecisionId, Engine, Input, Outcome};
 use ctguard::knob::Knob;
 use ctguard::observe::ConntrackSample;
 use ctguard::policy::Policy;
@@ -23,6 +23,20 @@ fn secs(s: u64) -> Duration {
 /// Default policy: act at 0.85 sustained 10s; raise cooldown 30s; back-off base 5m.
 fn engine() -> Engine {
     Engine::new(Policy::embedded_default(), default_host())
+}
+
+/// Holds the table at 0.877 full for act's 10 s sustain: the one decision, a raise of max,
+/// and the max it raises to.
+fn raise_max(e: &mut Engine) -> (DecisionId, u64) {
+    e.observe(secs(0), sample(230_000, 262_144));
+    let d = e.observe(secs(10), sample(230_000, 262_144));
+    match &d[..] {
+        [first] => match &first.action {
+            Action::Apply(c) if c[0].knob == Knob::Max => (first.id, c[0].to),
+            other => panic!("expected a raise of max, got {other:?}"),
+        },
+        other => panic!("expected one decision, got {other:?}"),
+    }
 }
 
 #[test]
@@ -154,17 +168,9 @@ fn an_adopted_notrack_counts_against_max_ports() {
 #[test]
 fn a_late_outcome_plans_the_next_change_from_the_value_set() {
     let mut e = engine();
-    e.observe(secs(0), sample(230_000, 262_144));
-    let d = e.observe(secs(10), sample(230_000, 262_144));
-    let raised = match &d[..] {
-        [first] => match &first.action {
-            Action::Apply(c) if c[0].knob == Knob::Max => c[0].to,
-            other => panic!("expected a raise of max, got {other:?}"),
-        },
-        other => panic!("expected one decision, got {other:?}"),
-    };
+    let (id, raised) = raise_max(&mut e);
     // Reported 31 s later, past the 30 s cooldown; no sample in between.
-    let next = e.outcome(secs(41), d[0].id, Outcome::Applied);
+    let next = e.outcome(secs(41), id, Outcome::Applied);
     let Some(Action::Apply(changes)) = next.first().map(|d| &d.action) else {
         panic!("expected the raise to continue at once, got {next:?}");
     };
@@ -178,16 +184,8 @@ fn a_late_outcome_plans_the_next_change_from_the_value_set() {
 fn a_real_change_is_restored_after_a_reload_to_dry_run() {
     use ctguard::policy::Mode;
     let mut e = engine();
-    e.observe(secs(0), sample(230_000, 262_144));
-    let d = e.observe(secs(10), sample(230_000, 262_144));
-    let raised = match &d[..] {
-        [first] => match &first.action {
-            Action::Apply(c) if c[0].knob == Knob::Max => c[0].to,
-            other => panic!("expected a raise of max, got {other:?}"),
-        },
-        other => panic!("expected one decision, got {other:?}"),
-    };
-    assert!(e.outcome(secs(10), d[0].id, Outcome::Applied).is_empty());
+    let (id, raised) = raise_max(&mut e);
+    assert!(e.outcome(secs(10), id, Outcome::Applied).is_empty());
     let mut dry = Policy::embedded_default();
     dry.mode = Mode::DryRun;
     e.replace_policy(dry);
@@ -325,13 +323,8 @@ fn drops_across_a_sample_without_counters_still_count() {
 #[test]
 fn a_reset_before_the_first_sample_after_a_raise_is_planned_from() {
     let mut e = engine();
-    e.observe(secs(0), sample(230_000, 262_144));
-    let d = e.observe(secs(10), sample(230_000, 262_144));
-    assert!(
-        matches!(&d[0].action, Action::Apply(c) if c[0].knob == Knob::Max),
-        "{d:?}"
-    );
-    assert!(e.outcome(secs(10), d[0].id, Outcome::Applied).is_empty());
+    let (id, _) = raise_max(&mut e);
+    assert!(e.outcome(secs(10), id, Outcome::Applied).is_empty());
     // Every sample after the write shows the original again, the table still as full.
     let mut next = Vec::new();
     for t in 11..=45 {
