@@ -108,6 +108,28 @@ fn missing_namespace_is_named_once() {
     }
 }
 
+/// A mistyped state directory is an error, not an empty history, and is not created.
+#[test]
+fn reading_a_missing_state_dir_fails_and_creates_nothing() {
+    let parent = tempfile::tempdir().unwrap();
+    let missing = parent.path().join("typo");
+    let missing = missing.to_str().unwrap();
+    for args in [
+        &["journal", "--state-dir", missing][..],
+        &["journal", "--json", "--state-dir", missing],
+        &["incidents", "--state-dir", missing],
+        &["incidents", "show", "latest", "--state-dir", missing],
+    ] {
+        let (code, stderr) = ctguard(args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{missing}: no such state directory")),
+            "{args:?}: {stderr}"
+        );
+        assert!(!parent.path().join("typo").exists(), "{args:?} created it");
+    }
+}
+
 #[test]
 fn incidents_state_dir_before_or_after_show() {
     let state = tempfile::tempdir().unwrap();

@@ -117,6 +117,7 @@ fn summary(record: &IncidentRecord) -> Summary<'_> {
 }
 
 pub fn run(args: IncidentsArgs) -> anyhow::Result<ExitCode> {
+    super::existing_state_dir(&args.state_dir)?;
     match args.command {
         Some(IncidentsCommand::Show(show)) => run_show(&args.state_dir, args.json, show),
         None => list(&args.state_dir, args.json),

@@ -17,6 +17,7 @@ pub struct JournalArgs {
 }
 
 pub fn run(args: JournalArgs) -> anyhow::Result<ExitCode> {
+    super::existing_state_dir(&args.state.state_dir)?;
     let journal = Journal::open(&args.state.state_dir)?;
     let entries: Vec<_> = journal
         .entries()

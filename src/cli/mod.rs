@@ -75,6 +75,18 @@ pub struct StateDir {
     pub state_dir: std::path::PathBuf,
 }
 
+/// Fails unless `dir` is a state directory that exists: the commands that only read one
+/// never create it, and a mistyped `--state-dir` must not read as an empty history.
+pub fn existing_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{}: no such state directory (nothing recorded there yet, or --state-dir is not the one `ctguard run` uses)",
+        dir.display()
+    )
+}
+
 /// Reads and validates a policy file; the embedded default without one.
 pub fn read_policy(path: Option<&std::path::Path>) -> anyhow::Result<crate::policy::Policy> {
     use anyhow::Context;
