@@ -502,6 +502,12 @@ impl Daemon {
                 if self.executor.is_none() && self.rehearsal.is_none() {
                     policy.mode = Mode::Observe;
                 }
+                // Started in dry-run, ctguard opened no journal, and it never acts without one.
+                if self.executor.is_none() && policy.mode == Mode::Enforce {
+                    warn!(why, policy = %policy.source,
+                        "the new policy enforces, but ctguard started in dry-run without a journal; staying in dry-run until a restart");
+                    policy.mode = Mode::DryRun;
+                }
                 info!(why, policy = %policy.source, mode = policy.mode.name(), "policy reloaded");
                 self.engine.replace_policy(policy);
             }

@@ -34,6 +34,10 @@ pub const TESTS: &[(&str, fn())] = &[
         "daemon_dry_run_logs_would_change_and_changes_nothing",
         dry_run_says_would,
     ),
+    (
+        "daemon_started_in_dry_run_stays_so_on_a_reload_to_enforce",
+        reload_to_enforce_stays_dry_run,
+    ),
 ];
 
 const UDP: &str = "nf_conntrack_udp_timeout";
@@ -377,26 +381,26 @@ fn evicts_unreplied() {
     );
 }
 
+/// Levels low enough for a few hundred flows to reach act in a lab namespace, whose max
+/// (the global one) then never needs touching.
+const LEVELS_FOR_A_FEW_FLOWS: [(&str, &str); 3] = [
+    (
+        "at = 0.70\nclear_below = 0.65",
+        "at = 0.0005\nclear_below = 0.0004",
+    ),
+    (
+        "at = 0.85\nclear_below = 0.80",
+        "at = 0.001\nclear_below = 0.0008",
+    ),
+    ("recover_below = 0.60", "recover_below = 0.0001"),
+];
+
 /// `--dry-run` logs each change it would make as "would change" (never "changed", which
-/// an operator greps for real changes) and leaves every value as it was. Levels are set
-/// low enough for a few hundred flows, so nothing global is touched.
+/// an operator greps for real changes) and leaves every value as it was.
 fn dry_run_says_would() {
     let lab = LabNetns::new("dryrun");
     let state = tempfile::tempdir().unwrap();
-    let policy = policy_with(
-        state.path(),
-        &[
-            (
-                "at = 0.70\nclear_below = 0.65",
-                "at = 0.0005\nclear_below = 0.0004",
-            ),
-            (
-                "at = 0.85\nclear_below = 0.80",
-                "at = 0.001\nclear_below = 0.0008",
-            ),
-            ("recover_below = 0.60", "recover_below = 0.0001"),
-        ],
-    );
+    let policy = policy_with(state.path(), &LEVELS_FOR_A_FEW_FLOWS);
     let before = lab.snapshot();
     let mut args = state_args(&lab, &policy, state.path());
     args.extend(["--dry-run", "--no-metrics"]);
@@ -412,5 +416,41 @@ fn dry_run_says_would() {
     let log = daemon.log();
     assert!(!log.contains("daemon: changed "), "{log}");
     assert!(log.contains("would revert"), "{log}");
+    assert_eq!(lab.snapshot(), before);
+}
+
+/// A policy that says dry-run opens no journal; reloading one that enforces keeps the
+/// daemon in dry-run (it never acts unjournaled) and says so, instead of refusing every
+/// change as it comes.
+fn reload_to_enforce_stays_dry_run() {
+    let lab = LabNetns::new("dryreload");
+    let state = tempfile::tempdir().unwrap();
+    let mut dry = LEVELS_FOR_A_FEW_FLOWS.to_vec();
+    dry.push(("mode = \"enforce\"", "mode = \"dry-run\""));
+    let policy = policy_with(state.path(), &dry);
+    let before = lab.snapshot();
+    let mut args = state_args(&lab, &policy, state.path());
+    args.push("--no-metrics");
+    let mut daemon = Daemon::run(&args, state.path().join("log"));
+    daemon.assert_started();
+    // Rewriting the file reloads it (as SIGHUP would).
+    policy_with(state.path(), &LEVELS_FOR_A_FEW_FLOWS);
+    assert!(
+        daemon.wait_for_log(
+            "staying in dry-run until a restart",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        daemon.log()
+    );
+    ctguard::netns::run_in(&lab.path, || crate::lab::udp_flows(20_000, 1000, 5353)).unwrap();
+    assert!(
+        daemon.wait_for_log("would change", Duration::from_secs(10)),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.signal(libc::SIGTERM).success());
+    let log = daemon.log();
+    assert!(!log.contains("no usable journal"), "{log}");
     assert_eq!(lab.snapshot(), before);
 }
