@@ -237,9 +237,19 @@ impl Daemon {
             incidents,
             journal_sync_failing: false,
         };
-        daemon.adopt_previous_changes()?;
-        // Entries settled at start drop out of the boot-time files now, not at the next change.
-        daemon.persist();
+        if let Err(e) = daemon.adopt_previous_changes() {
+            // Settling writes the journal (a full or read-only disk fails it): watch anyway,
+            // as with a journal that cannot be read, rather than exit and watch nothing.
+            error!(error = %e, "cannot settle the previous run's changes: watching and reporting only");
+            daemon.executor = None;
+            let mut observe = daemon.engine.policy().clone();
+            observe.mode = Mode::Observe;
+            daemon.engine.replace_policy(observe);
+        } else {
+            // Entries settled at start drop out of the boot-time files now, not at the next
+            // change.
+            daemon.persist();
+        }
         Ok(daemon)
     }
 

@@ -22,6 +22,8 @@
 use crate::lab::{
     Daemon, GlobalSysctl, LabNetns, fast_policy, policy_with, read_global, state_args, wait_until,
 };
+use ctguard::journal::{Intent, Journal};
+use ctguard::knob::{Knob, TimeoutKnob};
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
@@ -45,6 +47,10 @@ pub const TESTS: &[(&str, fn())] = &[
         no_nft_binary,
     ),
     ("fault_full_state_dir_changes_nothing", full_state_dir),
+    (
+        "fault_unsettled_journal_on_a_read_only_state_dir_still_watches",
+        unsettled_journal_on_read_only_state_dir,
+    ),
     (
         "fault_read_only_state_dir_changes_nothing",
         read_only_state_dir,
@@ -332,6 +338,69 @@ fn unjournaled(tag: &str, break_it: &str, why: &str) {
     assert_eq!(lab.snapshot(), before, "{}", daemon.log());
     let log = daemon.log();
     assert!(log.contains(why), "{log}");
+    assert!(daemon.signal(libc::SIGTERM).success());
+    assert_eq!(lab.snapshot(), before);
+}
+
+/// A previous run's journal entry left to settle (a crash between journaling and writing)
+/// on a state directory that has turned read-only: the daemon cannot settle it, and
+/// watches and reports anyway instead of exiting.
+fn unsettled_journal_on_read_only_state_dir() {
+    let _globals = crate::lab::small_table();
+    let lab = LabNetns::with_udp_timeout("unsettled", 3);
+    let scratch = tempfile::tempdir().unwrap();
+    let state = scratch.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let previous = scratch.path().join("previous");
+    let mut journal = Journal::open(&previous).unwrap();
+    journal
+        .record(
+            Intent {
+                knob: Knob::Timeout(TimeoutKnob::Udp),
+                original: lab.sysctl(UDP),
+                new: 1,
+                stage: "shorten_timeouts".into(),
+                incident: 1,
+                netns: Some(lab.path.clone()),
+                supersedes: None,
+            },
+            0,
+        )
+        .unwrap();
+    let before = lab.snapshot();
+    let policy = fast_policy();
+    let dir = state.to_str().unwrap();
+    let setup = format!(
+        "mount -t tmpfs -o size=64k,mode=0700 ctguard-test {dir}\n\
+         cp {} {dir}/journal.json\n\
+         mount -o remount,ro {dir}",
+        previous.join(ctguard::journal::FILE_NAME).display()
+    );
+    let mut daemon = run_in_mount_ns(
+        &setup,
+        &[],
+        &state_args(&lab, &policy, &state),
+        &scratch.path().join("log"),
+    );
+    daemon.assert_started();
+    assert!(
+        daemon.wait_for_log(
+            "cannot settle the previous run's changes: watching and reporting only",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        daemon.log()
+    );
+    // It still watches: the full table opens an incident (whose record cannot be written
+    // here either).
+    let opened = "could not write the incident record";
+    assert!(!daemon.log().contains(opened), "{}", daemon.log());
+    lab.fill_table(2000);
+    assert!(
+        daemon.wait_for_log(opened, Duration::from_secs(10)),
+        "the full table was not seen:\n{}",
+        daemon.log()
+    );
     assert!(daemon.signal(libc::SIGTERM).success());
     assert_eq!(lab.snapshot(), before);
 }
