@@ -22,8 +22,9 @@ before the next wait (`Daemon::write_behind`).
   the namespace inode.
 - On start the journal is reconciled with the host: changes still in force are adopted and
   later rolled back like new ones; values someone else changed are left to them. A journal
-  that cannot be read makes ctguard watch and report only; one another ctguard is
-  writing (`ctguard rollback`, a second daemon) stops it at start.
+  that cannot be read, or settled at start (a full or read-only disk), makes ctguard watch
+  and report only; one another ctguard is writing (`ctguard rollback`, a second daemon)
+  stops it at start.
 - SIGTERM/SIGINT stop cleanly (rolling back first if the policy says so); SIGHUP or a
   write to the policy file reloads it, and an invalid new policy is refused with its error
   while the old one stays in force.
