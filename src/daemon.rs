@@ -146,6 +146,8 @@ struct Daemon {
     incidents: crate::incident::IncidentRecorder,
     /// Whether writing the journal's pending marks failed last time (logged once).
     journal_sync_failing: bool,
+    /// Kernel log reads that failed in a row (their pauses grow, only the first warns).
+    kmsg_failures: u32,
 }
 
 /// A finished table analysis, with the reader handed back for the next one.
@@ -237,6 +239,7 @@ impl Daemon {
             metrics: Default::default(),
             incidents,
             journal_sync_failing: false,
+            kmsg_failures: 0,
         };
         if let Err(e) = daemon.adopt_previous_changes() {
             // Settling writes the journal (a full or read-only disk fails it): watch anyway,
@@ -326,7 +329,7 @@ impl Daemon {
             let wait = self.engine.state().poll_interval;
             tokio::select! {
                 _ = tokio::time::sleep_until(self.last_poll + wait) => self.poll(),
-                event = next_kernel_event(&mut self.kmsg) => self.kernel_event(event),
+                event = next_kernel_event(&mut self.kmsg, &mut self.kmsg_failures) => self.kernel_event(event),
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
                 _ = hangup.recv() => self.reload("SIGHUP"),
@@ -693,19 +696,41 @@ impl Daemon {
 }
 
 /// The next event from the kernel log, or never when there is no kernel log. A read error
-/// is logged and yields `None` (the follower keeps going).
-async fn next_kernel_event(kmsg: &mut Option<KmsgFollower>) -> Option<KmsgEvent> {
+/// yields `None` after a pause ([`kmsg_retry_pause`]; the follower keeps going); the first
+/// of a run of failures is a warning, the others are logged at debug level.
+async fn next_kernel_event(
+    kmsg: &mut Option<KmsgFollower>,
+    failures: &mut u32,
+) -> Option<KmsgEvent> {
     match kmsg {
         Some(follower) => match follower.next_event().await {
-            Ok(event) => Some(event),
+            Ok(event) => {
+                if *failures > 0 {
+                    info!(failures = *failures, "kernel log readable again");
+                    *failures = 0;
+                }
+                Some(event)
+            }
             Err(e) => {
-                warn!(error = %e, "kernel log read failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                if *failures == 0 {
+                    warn!(error = %e, "kernel log read failed; retrying (polling goes on meanwhile)");
+                } else {
+                    debug!(error = %e, failures = *failures, "kernel log read failed again");
+                }
+                let pause = kmsg_retry_pause(*failures);
+                *failures = failures.saturating_add(1);
+                tokio::time::sleep(pause).await;
                 None
             }
         },
         None => std::future::pending().await,
     }
+}
+
+/// The pause after the `failures`+1st kernel log read failure in a row: 1 s, doubling up
+/// to a minute, so a log that stays broken costs neither CPU nor log lines.
+fn kmsg_retry_pause(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.min(6)).min(Duration::from_secs(60))
 }
 
 /// A knob's value in a sample, where the sample has it.
@@ -999,5 +1024,17 @@ fn outcome_of(e: &ExecError) -> Outcome {
         Outcome::NotPermitted(e.to_string())
     } else {
         Outcome::Failed(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_log_retries_back_off_to_a_minute() {
+        let pauses: Vec<u64> = (0..9).map(|n| kmsg_retry_pause(n).as_secs()).collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(kmsg_retry_pause(u32::MAX), Duration::from_secs(60));
     }
 }

@@ -516,6 +516,9 @@ fn failing_kernel_log() {
     drain(&lab);
     assert!(daemon.signal(libc::SIGTERM).success());
     assert_eq!(lab.snapshot(), before);
+    // A log that keeps failing warns once, not at every retry.
+    let log = daemon.log();
+    assert_eq!(log.matches("kernel log read failed").count(), 1, "{log}");
 }
 
 /// How many records the storm writes to the kernel log.
