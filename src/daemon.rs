@@ -81,6 +81,10 @@ impl Actuator for Box<dyn Actuator + Send> {
     fn write(&mut self, knob: Knob, value: u64) -> Result<(), ActError> {
         (**self).write(knob, value)
     }
+
+    fn check_write(&mut self, knob: Knob, value: u64) -> Result<(), ActError> {
+        (**self).check_write(knob, value)
+    }
 }
 
 type BoxedExecutor = Executor<Box<dyn Actuator + Send>>;

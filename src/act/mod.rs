@@ -38,6 +38,12 @@ use std::path::PathBuf;
 pub trait Actuator {
     fn read(&mut self, knob: Knob) -> Result<u64, ActError>;
     fn write(&mut self, knob: Knob, value: u64) -> Result<(), ActError>;
+    /// Whether a write of `value` to `knob` would fail here before reaching the kernel's
+    /// value checks (most often [`ActError::NotPermitted`]), found without writing: dry-run
+    /// asks, so it rehearses the refusals enforce would meet.
+    fn check_write(&mut self, _knob: Knob, _value: u64) -> Result<(), ActError> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -45,7 +45,10 @@ impl<A: Actuator> Actuator for RecordingActuator<A> {
         }
     }
 
+    /// Records the write, unless the kernel would refuse it here (then the same error as
+    /// enforce would get, so the engine moves on to the next stage as it would).
     fn write(&mut self, knob: Knob, value: u64) -> Result<(), ActError> {
+        self.inner.check_write(knob, value)?;
         self.writes.push(RecordedWrite { knob, value });
         self.overlay.insert(knob, value);
         Ok(())

@@ -122,6 +122,42 @@ impl Actuator for SysctlActuator {
         self.read_path(knob, &self.path(knob))
     }
 
+    /// Opens the knob's sysctl for writing and closes it: procfs checks a sysctl's mode at
+    /// open (the global knobs are read-only outside the initial namespace, even to root).
+    /// Where buckets are resized through the `hashsize` parameter (read-only sysctl on
+    /// older kernels), the kernel allows that exactly where it allows raising max.
+    fn check_write(&mut self, knob: Knob, value: u64) -> Result<(), ActError> {
+        let open = |knob: Knob| {
+            let path = self.path(knob);
+            self.in_namespace(knob, || OpenOptions::new().write(true).open(&path))
+                .map(drop)
+                .map_err(|source| {
+                    if forbids(&source) {
+                        ActError::NotPermitted { knob, path, source }
+                    } else {
+                        ActError::Failed {
+                            knob,
+                            path,
+                            value,
+                            source,
+                        }
+                    }
+                })
+        };
+        match open(knob) {
+            Err(ActError::NotPermitted { .. })
+                if knob == Knob::Buckets && self.roots.module_params.join("hashsize").exists() =>
+            {
+                open(Knob::Max).map_err(|_| ActError::NotPermitted {
+                    knob,
+                    path: self.path(knob),
+                    source: io::Error::from_raw_os_error(libc::EACCES),
+                })
+            }
+            other => other,
+        }
+    }
+
     fn write(&mut self, knob: Knob, value: u64) -> Result<(), ActError> {
         let path = self.path(knob);
         let hashsize = self.roots.module_params.join("hashsize");

@@ -3,6 +3,7 @@
 
 use crate::lab::{GlobalSysctl, LabNetns, read_global};
 use ctguard::act::Actuator;
+use ctguard::act::recording::RecordingActuator;
 use ctguard::act::sysctl::{Roots, SysctlActuator};
 use ctguard::knob::{Knob, TimeoutKnob};
 
@@ -47,6 +48,32 @@ fn global_knobs_not_permitted_inside() {
     assert!(max_err.is_not_permitted(), "{max_err}");
     assert!(buckets_err.is_not_permitted(), "{buckets_err}");
     timeout.expect("timeouts are per namespace and writable inside it");
+    assert_eq!(read_global("nf_conntrack_max"), max, "host max untouched");
+
+    // Dry-run's recording actuator meets the same refusals without writing anything.
+    let (max_err, buckets_err, timeout, recorded) = ctguard::netns::run_in(&lab.path, || {
+        let mut rehearsal = RecordingActuator::new(SysctlActuator::new(Roots::default(), None));
+        (
+            rehearsal.write(Knob::Max, max + 1).unwrap_err(),
+            rehearsal.write(Knob::Buckets, 1024).unwrap_err(),
+            rehearsal.write(ESTABLISHED, 60),
+            rehearsal.writes().len(),
+        )
+    })
+    .unwrap();
+    assert!(max_err.is_not_permitted(), "{max_err}");
+    assert!(buckets_err.is_not_permitted(), "{buckets_err}");
+    timeout.expect("a timeout write would be allowed");
+    assert_eq!(recorded, 1, "only the timeout is recorded");
+    assert_eq!(
+        lab.sysctl(ESTABLISHED.sysctl_file()),
+        600,
+        "nothing written"
+    );
+    // From the host, the global knobs would be written.
+    let mut rehearsal = RecordingActuator::new(SysctlActuator::new(Roots::default(), None));
+    rehearsal.write(Knob::Max, max + 1).unwrap();
+    rehearsal.write(Knob::Buckets, 1024).unwrap();
     assert_eq!(read_global("nf_conntrack_max"), max, "host max untouched");
 }
 
