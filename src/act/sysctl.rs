@@ -91,19 +91,7 @@ impl SysctlActuator {
         value: u64,
     ) -> Result<(), ActError> {
         self.in_namespace(knob, || write_value(target, value))
-            .map_err(|source| {
-                let path = target.to_path_buf();
-                if forbids(&source) {
-                    ActError::NotPermitted { knob, path, source }
-                } else {
-                    ActError::Failed {
-                        knob,
-                        path,
-                        value,
-                        source,
-                    }
-                }
-            })?;
+            .map_err(|source| write_error(knob, target, value, source))?;
         let read = self.read_path(knob, readback)?;
         if read != value {
             return Err(ActError::Verify {
@@ -131,18 +119,7 @@ impl Actuator for SysctlActuator {
             let path = self.path(knob);
             self.in_namespace(knob, || OpenOptions::new().write(true).open(&path))
                 .map(drop)
-                .map_err(|source| {
-                    if forbids(&source) {
-                        ActError::NotPermitted { knob, path, source }
-                    } else {
-                        ActError::Failed {
-                            knob,
-                            path,
-                            value,
-                            source,
-                        }
-                    }
-                })
+                .map_err(|source| write_error(knob, &path, value, source))
         };
         match open(knob) {
             Err(ActError::NotPermitted { .. })
@@ -170,6 +147,22 @@ impl Actuator for SysctlActuator {
                 self.write_verified(knob, &hashsize, &path, value)
             }
             other => other,
+        }
+    }
+}
+
+/// A failed write of `value` to `path`: not permitted here (the engine moves on to the next
+/// stage), or a failure.
+fn write_error(knob: Knob, path: &Path, value: u64, source: io::Error) -> ActError {
+    let path = path.to_path_buf();
+    if forbids(&source) {
+        ActError::NotPermitted { knob, path, source }
+    } else {
+        ActError::Failed {
+            knob,
+            path,
+            value,
+            source,
         }
     }
 }
