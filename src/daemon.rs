@@ -91,15 +91,10 @@ type BoxedExecutor = Executor<Box<dyn Actuator + Send>>;
 
 /// Loads a policy file (or the embedded default), with `--dry-run` overriding its mode.
 pub fn load_policy(path: Option<&Path>, dry_run: bool) -> anyhow::Result<Policy> {
-    let mut policy = match path {
-        Some(path) => {
-            crate::security::check_policy_file(path)?;
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading policy {}", path.display()))?;
-            Policy::from_toml(&text, &path.display().to_string())?
-        }
-        None => Policy::embedded_default(),
-    };
+    if let Some(path) = path {
+        crate::security::check_policy_file(path)?;
+    }
+    let mut policy = Policy::read(path)?;
     if dry_run && policy.mode == Mode::Enforce {
         policy.mode = Mode::DryRun;
     }

@@ -33,7 +33,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         for warning in crate::security::warnings_for_policy_file(path) {
             eprintln!("warning: `ctguard run` would refuse this file: {warning}");
         }
-        match super::read_policy(Some(path)) {
+        match Policy::read(Some(path)) {
             Ok(policy) => report(&policy, &host, &table),
             Err(err) => {
                 eprintln!("{err:#}");

@@ -87,17 +87,6 @@ pub fn existing_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     )
 }
 
-/// Reads and validates a policy file; the embedded default without one.
-pub fn read_policy(path: Option<&std::path::Path>) -> anyhow::Result<crate::policy::Policy> {
-    use anyhow::Context;
-    let Some(path) = path else {
-        return Ok(crate::policy::Policy::embedded_default());
-    };
-    let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
-    Ok(crate::policy::Policy::from_toml(&text, &name)?)
-}
-
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_logging(cli.log_format);

@@ -31,7 +31,7 @@ pub struct SimulateArgs {
 }
 
 pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
-    let policy = super::read_policy(args.policy.as_deref())?;
+    let policy = crate::policy::Policy::read(args.policy.as_deref())?;
     let options = SimOptions {
         non_initial_netns: args.non_initial_netns,
     };

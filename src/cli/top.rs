@@ -65,7 +65,7 @@ impl Rules {
         let Some(path) = &args.policy else {
             return Ok(built_in());
         };
-        let policy = super::read_policy(Some(path))?;
+        let policy = crate::policy::Policy::read(Some(path))?;
         Ok(match &policy.stages.notrack_hot_ports {
             Some(stage) => Rules {
                 source: policy.source.clone(),

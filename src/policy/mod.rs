@@ -359,6 +359,17 @@ impl Policy {
             .expect("policies/default.toml is valid (checked by tests)")
     }
 
+    /// Reads and validates a policy file; the embedded default without one.
+    pub fn read(path: Option<&std::path::Path>) -> anyhow::Result<Policy> {
+        use anyhow::Context;
+        let Some(path) = path else {
+            return Ok(Policy::embedded_default());
+        };
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
+        Ok(Policy::from_toml(&text, &name)?)
+    }
+
     /// Parses and validates a policy. `source_name` is used in errors and reports.
     pub fn from_toml(text: &str, source_name: &str) -> Result<Policy, PolicyError> {
         let cx = Context { text, source_name };
