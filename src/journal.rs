@@ -224,14 +224,7 @@ pub struct Intent {
 impl Journal {
     /// Opens (creating if needed, mode 0700) the state directory and reads its journal.
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| JournalError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+        create_state_dir(dir)?;
         let path = dir.join(FILE_NAME);
         let on_disk = match fs::read(&path) {
             Ok(bytes) => parse(&path, &bytes)?,
@@ -255,7 +248,7 @@ impl Journal {
     /// lock until the journal is dropped; fails with [`JournalError::Locked`] while another
     /// process holds it.
     pub fn open_exclusive(dir: &Path) -> Result<Journal, JournalError> {
-        Journal::open(dir)?;
+        create_state_dir(dir)?;
         let io_error = |source| JournalError::Io {
             path: dir.to_path_buf(),
             source,
@@ -270,7 +263,7 @@ impl Journal {
             }
             Err(fs::TryLockError::Error(source)) => return Err(io_error(source)),
         }
-        // Read again under the lock: the other process may have written meanwhile.
+        // Read under the lock: the other process may have written until it let go.
         let mut journal = Journal::open(dir)?;
         journal._lock = Some(lock);
         Ok(journal)
@@ -576,6 +569,18 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> 
         "atomic write"
     );
     Ok(())
+}
+
+/// Creates the state directory (and its parents) if it is missing, private to its owner.
+fn create_state_dir(dir: &Path) -> Result<(), JournalError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| JournalError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// Removes `dir/name` (if it is there) so that a crash cannot bring it back: unlink, then
