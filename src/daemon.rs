@@ -585,29 +585,16 @@ impl Daemon {
             let outcome = match &decision.action {
                 dry_run @ Action::DryRun(_) => {
                     if let Some(exec) = self.rehearsal.as_mut() {
-                        let outcome = perform(
-                            exec,
-                            decision.stage,
-                            dry_run,
-                            incident,
-                            in_use,
-                            &mut notes,
-                            true,
-                        );
+                        let outcome =
+                            perform(exec, decision.stage, dry_run, incident, in_use, &mut notes);
                         info!(id = %decision.id, ?outcome, ?notes, "dry-run: would have done this; nothing changed");
                     }
                     continue;
                 }
                 action => match self.executor.as_mut() {
-                    Some(exec) => perform(
-                        exec,
-                        decision.stage,
-                        action,
-                        incident,
-                        in_use,
-                        &mut notes,
-                        false,
-                    ),
+                    Some(exec) => {
+                        perform(exec, decision.stage, action, incident, in_use, &mut notes)
+                    }
                     None => Outcome::NotPermitted(
                         "no usable journal: ctguard does not act unjournaled".into(),
                     ),
@@ -752,8 +739,12 @@ fn perform(
     incident: u64,
     in_use: u64,
     notes: &mut Vec<String>,
-    rehearsal: bool,
 ) -> Outcome {
+    // A rehearsal (dry-run) logs what it would do, never the words of a real change.
+    let (action, rehearsal) = match action {
+        Action::DryRun(inner) => (inner.as_ref(), true),
+        action => (action, false),
+    };
     match action {
         Action::Apply(changes) => apply_all(exec, stage, changes, incident, in_use, rehearsal),
         Action::Revert(changes) => revert_all(exec, changes, in_use, rehearsal),
@@ -765,7 +756,7 @@ fn perform(
         Action::Evict { .. } => {
             Outcome::Failed("an eviction round is not an executor action".into())
         }
-        Action::DryRun(inner) => perform(exec, stage, inner, incident, in_use, notes, true),
+        nested @ Action::DryRun(_) => perform(exec, stage, nested, incident, in_use, notes),
     }
 }
 
@@ -841,11 +832,8 @@ fn apply_all(
         };
         match exec.apply(&request, in_use) {
             Ok(id) => {
-                if rehearsal {
-                    info!(entry = id, knob = %change.knob, from = change.from, to = change.to, "would change");
-                } else {
-                    info!(entry = id, knob = %change.knob, from = change.from, to = change.to, "changed");
-                }
+                let did = if rehearsal { "would change" } else { "changed" };
+                info!(entry = id, knob = %change.knob, from = change.from, to = change.to, "{did}");
                 done.push(id);
             }
             Err(e) => {
@@ -879,11 +867,12 @@ fn revert_all(
         };
         match exec.step_back(entry, change.to, in_use) {
             Ok(Reverted::Restored { knob, to, .. } | Reverted::Stepped { knob, to, .. }) => {
-                if rehearsal {
-                    info!(entry, %knob, to, "would revert")
+                let did = if rehearsal {
+                    "would revert"
                 } else {
-                    info!(entry, %knob, to, "reverted")
-                }
+                    "reverted"
+                };
+                info!(entry, %knob, to, "{did}")
             }
             Ok(Reverted::AlreadyOriginal { knob, .. }) => {
                 info!(entry, %knob, "already at its original")
@@ -944,12 +933,12 @@ fn notrack_all(
             Ok(id) => id,
             Err(e) => return outcome_of(&e),
         };
-        let expiry = humantime::format_duration(expiry);
-        if rehearsal {
-            info!(entry = id, %port, %expiry, "would add NOTRACK");
+        let did = if rehearsal {
+            "would add NOTRACK"
         } else {
-            info!(entry = id, %port, %expiry, "NOTRACK added");
-        }
+            "NOTRACK added"
+        };
+        info!(entry = id, %port, expiry = %humantime::format_duration(expiry), "{did}");
         let Some(probe) = probe else { continue };
         let at = probe.addr;
         if !answered_before {
