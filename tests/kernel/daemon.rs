@@ -395,6 +395,17 @@ const LEVELS_FOR_A_FEW_FLOWS: [(&str, &str); 3] = [
     ("recover_below = 0.60", "recover_below = 0.0001"),
 ];
 
+/// A thousand flows, enough for [`LEVELS_FOR_A_FEW_FLOWS`]: a dry-run daemon then says it
+/// would change something.
+fn flows_until_it_would_change(lab: &LabNetns, daemon: &Daemon) {
+    ctguard::netns::run_in(&lab.path, || crate::lab::udp_flows(20_000, 1000, 5353)).unwrap();
+    assert!(
+        daemon.wait_for_log("would change", Duration::from_secs(10)),
+        "{}",
+        daemon.log()
+    );
+}
+
 /// `--dry-run` logs each change it would make as "would change" (never "changed", which
 /// an operator greps for real changes) and leaves every value as it was.
 fn dry_run_says_would() {
@@ -406,12 +417,7 @@ fn dry_run_says_would() {
     args.extend(["--dry-run", "--no-metrics"]);
     let mut daemon = Daemon::run(&args, state.path().join("log"));
     daemon.assert_started();
-    ctguard::netns::run_in(&lab.path, || crate::lab::udp_flows(20_000, 1000, 5353)).unwrap();
-    assert!(
-        daemon.wait_for_log("would change", Duration::from_secs(10)),
-        "{}",
-        daemon.log()
-    );
+    flows_until_it_would_change(&lab, &daemon);
     assert!(daemon.signal(libc::SIGTERM).success());
     let log = daemon.log();
     assert!(!log.contains("daemon: changed "), "{log}");
@@ -443,12 +449,7 @@ fn reload_to_enforce_stays_dry_run() {
         "{}",
         daemon.log()
     );
-    ctguard::netns::run_in(&lab.path, || crate::lab::udp_flows(20_000, 1000, 5353)).unwrap();
-    assert!(
-        daemon.wait_for_log("would change", Duration::from_secs(10)),
-        "{}",
-        daemon.log()
-    );
+    flows_until_it_would_change(&lab, &daemon);
     assert!(daemon.signal(libc::SIGTERM).success());
     let log = daemon.log();
     assert!(!log.contains("no usable journal"), "{log}");

@@ -487,7 +487,8 @@ fn garbage_policy() {
 }
 
 /// A kernel log that fails at every read (here a file at its end, as `/dev/kmsg`): the
-/// daemon retries it every second, and must still poll at its own interval (longer).
+/// daemon retries it with growing pauses, warns once, and must still poll at its own
+/// interval.
 fn failing_kernel_log() {
     let _globals = crate::lab::small_table();
     let lab = LabNetns::with_udp_timeout("nokmsg", 3);
